@@ -1,0 +1,120 @@
+"""The ``chatumm`` command line.
+
+Every command is one entry of :data:`COMMANDS`: a one-line help, a function that declares its arguments and a
+function that runs it and returns the exit code. A new command (``synth``, ``chat``, ``eval``, ``convert``) is a new
+entry; nothing else changes.
+
+Example:
+    >>> main(["validate", "shapes/chat_tiny", "trainer.max_steps=5"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from chatumm_kit.config import (
+    DEFAULT_ALLOWED_ROOTS,
+    RecipeError,
+    load_recipe,
+    recipes_root,
+    to_yaml,
+    validate_recipe,
+)
+
+__all__ = ["Command", "COMMANDS", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a recipe file, or a shipped recipe name such as shapes/chat_tiny")
+    p.add_argument("overrides", nargs="*", help="key=value, +key=value (add) or ~key (delete)")
+
+
+def _allowed(args: argparse.Namespace) -> frozenset[str]:
+    return DEFAULT_ALLOWED_ROOTS | frozenset(args.allow_root or ())
+
+
+def _load_checked(args: argparse.Namespace):
+    cfg = load_recipe(args.recipe, args.overrides)
+    validate_recipe(cfg, allowed_roots=_allowed(args))
+    return cfg
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    _load_checked(args)
+    print(f"ok: {args.recipe}")
+    return 0
+
+
+def _run_print(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    root = recipes_root()
+    for path in sorted(root.rglob("*.yaml")):
+        first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{str(path.relative_to(root).with_suffix('')):40s} {first}")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    cfg = _load_checked(args)
+    from chatumm_kit.training.run import run_training  # heavy imports only when training
+
+    run_training(cfg, allowed_roots=_allowed(args))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a recipe: chatumm train RECIPE [key=value ...]", _recipe_args, _run_train),
+    "validate": Command("check a recipe without building anything", _recipe_args, _run_validate),
+    "print": Command("print a recipe with overrides applied and interpolations resolved", _recipe_args, _run_print),
+    "ls": Command("list the recipes shipped with the kit", lambda p: None, _run_ls),
+    # Later issues register synth, chat, eval and convert here.
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatumm", description="chatumm_kit: conversational unified multimodal models")
+    parser.add_argument(
+        "--allow-root",
+        action="append",
+        metavar="NAME",
+        help="also allow recipes to build callables from this import root (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command].run(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Loading recipes: YAML file → OmegaConf tree, with command-line overrides applied and interpolations checked.
+
+Overrides follow the usual conventions:
+
+* ``a.b=value`` sets an existing key (a misspelled key is an error, not a silent new key);
+* ``+a.b=value`` adds a key that does not exist yet;
+* ``~a.b`` deletes a key.
+
+Values are parsed as YAML scalars/flow collections (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``null``).
+
+Example:
+    >>> cfg = load_recipe("recipes/shapes/chat_tiny.yaml", ["trainer.max_steps=50"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from chatumm_kit.config.errors import RecipeError
+
+__all__ = ["load_recipe", "apply_overrides", "resolve_recipe", "to_yaml", "recipes_root", "find_recipe"]
+
+
+def recipes_root() -> Path:
+    """The folder of recipes shipped with the kit (``recipes/`` of the checkout, linked into the package)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A path as given if it exists, else a shipped recipe by relative name (``shapes/chat_tiny[.yaml]``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    root = recipes_root()
+    for candidate in (root / p, root / p.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(str(r.relative_to(root)) for r in sorted(root.rglob("*.yaml"))) if root.is_dir() else "none"
+    raise RecipeError(f"recipe not found: {str(name)!r} (shipped recipes: {shipped})")
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Read a YAML recipe, apply overrides, and check that every interpolation resolves."""
+    file = find_recipe(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{file}: malformed YAML{at}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{file}: a recipe must be a mapping at the top level, got {type(raw).__name__}")
+    cfg = OmegaConf.create(raw)
+    apply_overrides(cfg, overrides)
+    resolve_recipe(cfg)
+    return cfg
+
+
+def _parse_value(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: cannot parse override value {text!r}: {e}") from None
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if isinstance(node, DictConfig) and part in node:
+            node = node._get_node(part)
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+        else:
+            return False
+    return True
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply ``key=value``, ``+key=value`` and ``~key`` overrides in place; return ``cfg``."""
+    for item in overrides:
+        if item.startswith("~"):
+            key = item[1:].split("=", 1)[0]
+            if not _has_key(cfg, key):
+                raise RecipeError(f"{key}: cannot delete, no such key in the recipe")
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            if isinstance(parent, ListConfig):
+                del parent[int(leaf)]
+            else:
+                del parent[leaf]
+            continue
+        if "=" not in item:
+            raise RecipeError(f"{item}: an override must look like key=value, +key=value or ~key")
+        key, value = item.split("=", 1)
+        adding = key.startswith("+")
+        key = key.lstrip("+")
+        if not key:
+            raise RecipeError(f"{item}: empty key in override")
+        exists = _has_key(cfg, key)
+        if not exists and not adding:
+            parent_key = key.rpartition(".")[0]
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            hint = ""
+            if isinstance(parent, DictConfig):
+                hint = f" (keys here: {', '.join(str(k) for k in parent.keys())})"
+            raise RecipeError(f"{key}: no such key in the recipe{hint}; use +{key}=... to add one")
+        if exists and adding:
+            raise RecipeError(f"{key}: already in the recipe; drop the '+' to override it")
+        try:
+            OmegaConf.update(cfg, key, _parse_value(value, key), merge=False, force_add=adding)
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"{key}: cannot apply override: {e.msg if hasattr(e, 'msg') else e}") from None
+    return cfg
+
+
+def _walk(node: Any, path: str):
+    yield path, node
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            child = node._get_node(k)
+            yield from _walk(child, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _walk(node._get_node(i), f"{path}[{i}]")
+
+
+def resolve_recipe(cfg: DictConfig) -> None:
+    """Resolve every interpolation once, raising :class:`RecipeError` with the path of each that fails."""
+    problems = []
+    for path, node in _walk(cfg, ""):
+        if isinstance(node, (DictConfig, ListConfig)):
+            continue
+        try:
+            node._dereference_node()
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            problems.append(f"{path}: cannot resolve interpolation {node._value()!r}: {msg}")
+    if problems:
+        raise RecipeError(problems)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The recipe with every interpolation resolved, as YAML text."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,105 @@
+"""``chatumm train``: turn a validated recipe into a Lightning run.
+
+A training recipe has these top-level keys:
+
+* ``seed`` — global seed (default 0);
+* ``output_dir`` — where logs and checkpoints go (default ``runs/<recipe name>``);
+* ``prepare`` — a list of ``_component_`` steps run before training (make data if missing, fit a VAE, ...);
+  each is a callable that does its work when built;
+* ``system`` — the ``LightningModule``;
+* ``data`` — the ``LightningDataModule`` (optional when the system brings its own loaders);
+* ``trainer`` — keyword arguments of ``lightning.Trainer`` (a ``_component_`` node of its own is allowed too);
+* ``resume_from`` — ``null``, ``last`` (newest checkpoint in ``output_dir``) or a checkpoint path.
+
+Example:
+    >>> run_training(load_recipe("shapes/chat_tiny"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate
+
+__all__ = ["TRAIN_KEYS", "TrainingResult", "run_training", "resolve_resume"]
+
+TRAIN_KEYS = frozenset({"seed", "output_dir", "prepare", "system", "data", "trainer", "resume_from", "report"})
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    last_checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_train_recipe(cfg: DictConfig) -> None:
+    """Top-level keys of a training recipe: unknown keys and a missing ``system``/``trainer`` are errors."""
+    problems = [f"{k}: unknown top-level key (expected one of {', '.join(sorted(TRAIN_KEYS))})" for k in cfg.keys() if k not in TRAIN_KEYS]
+    problems += [f"{k}: missing (a training recipe needs it)" for k in ("system", "trainer") if k not in cfg]
+    if problems:
+        raise RecipeError(problems)
+
+
+def resolve_resume(value: Any, checkpoint_dir: Path) -> str | None:
+    """``None`` → fresh run; ``"last"`` → newest ``*.ckpt`` under ``checkpoint_dir`` (fresh if none); else a path."""
+    if value in (None, "", False):
+        return None
+    if value == "last":
+        found = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoint_dir.is_dir() else []
+        return str(found[-1]) if found else None
+    path = Path(str(value))
+    if not path.is_file():
+        raise RecipeError(f"resume_from: checkpoint {str(path)!r} does not exist")
+    return str(path)
+
+
+def _build_trainer(node: Any, output_dir: Path, allowed: Iterable[str]):
+    import lightning as L
+
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if "_component_" not in plain:
+        plain = {"_component_": "lightning.Trainer", **plain}
+    plain.setdefault("default_root_dir", str(output_dir))
+    trainer = instantiate(plain, allowed_roots=allowed, path="trainer")
+    if not isinstance(trainer, L.Trainer):
+        raise RecipeError(f"trainer: built {type(trainer).__name__}, expected a lightning.Trainer")
+    return trainer
+
+
+def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS) -> TrainingResult:
+    """Run the ``prepare`` steps, then fit ``system`` on ``data`` with ``trainer``; print where things went."""
+    import lightning as L
+
+    check_train_recipe(cfg)
+    allowed = frozenset(allowed_roots)
+    L.seed_everything(int(cfg.get("seed", 0)), workers=True)
+    output_dir = Path(str(cfg.get("output_dir") or "runs/train"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    for i, step in enumerate(cfg.get("prepare") or []):
+        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
+
+    system = instantiate(cfg.system, allowed_roots=allowed, path="system")
+    if not isinstance(system, L.LightningModule):
+        raise RecipeError(f"system: built {type(system).__name__}, expected a lightning.LightningModule")
+    data = instantiate(cfg.data, allowed_roots=allowed, path="data") if cfg.get("data") is not None else None
+    trainer = _build_trainer(cfg.trainer, output_dir, allowed)
+    ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath else output_dir / "checkpoints"
+    ckpt = resolve_resume(cfg.get("resume_from"), ckpt_dir)
+
+    trainer.fit(system, datamodule=data, ckpt_path=ckpt)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    last = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    result = TrainingResult(output_dir=output_dir, last_checkpoint=Path(last) if last else None, metrics=metrics)
+    print(f"logs and checkpoints: {output_dir}")
+    if result.last_checkpoint:
+        print(f"checkpoint: {result.last_checkpoint}")
+    for k, v in sorted(metrics.items()):
+        print(f"  {k}: {v:.4f}")
+    return result
