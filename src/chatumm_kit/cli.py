@@ -88,7 +88,9 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatumm", description="chatumm_kit: conversational unified multimodal models")
+    parser = argparse.ArgumentParser(
+        prog="chatumm", description="chatumm_kit: conversational unified multimodal models"
+    )
     parser.add_argument(
         "--allow-root",
         action="append",

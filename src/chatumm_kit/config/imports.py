@@ -83,10 +83,14 @@ def resolve_callable(
     obj: Any = module
     for i, attr in enumerate(parts[split:], start=split):
         if not hasattr(obj, attr):
-            raise RecipeError(f"{where}: unknown _component_ {dotted!r}: {'.'.join(parts[:i])!r} has no attribute {attr!r}")
+            raise RecipeError(
+                f"{where}: unknown _component_ {dotted!r}: {'.'.join(parts[:i])!r} has no attribute {attr!r}"
+            )
         obj = getattr(obj, attr)
         owner = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None)
-        if owner is not None and (_root(owner) not in allowed or _is_denied(f"{owner}.{getattr(obj, '__qualname__', '')}")):
+        if owner is not None and (
+            _root(owner) not in allowed or _is_denied(f"{owner}.{getattr(obj, '__qualname__', '')}")
+        ):
             raise RecipeError(f"{where}: {dotted!r} resolves to {owner}, outside the allowed import roots")
     if inspect.ismodule(obj) or not callable(obj):
         raise RecipeError(f"{where}: {dotted!r} is not callable")

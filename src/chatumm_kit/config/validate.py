@@ -101,7 +101,9 @@ def _describe(v: Any) -> str:
 def _check_node(node: dict, path: str, allowed: frozenset[str], problems: list[str]) -> None:
     where = path or "<root>"
     try:
-        fn = resolve_callable(node[COMPONENT_KEY], allowed_roots=allowed, where=f"{path}._component_" if path else COMPONENT_KEY)
+        fn = resolve_callable(
+            node[COMPONENT_KEY], allowed_roots=allowed, where=f"{path}._component_" if path else COMPONENT_KEY
+        )
     except RecipeError as e:
         problems.extend(e.problems)
         return

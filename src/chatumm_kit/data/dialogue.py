@@ -247,4 +247,6 @@ class DialogueSample:
         self.dialogue.validate(image_keys=self.images.keys())
         for k, img in self.images.items():
             if img.dim() != 3 or img.shape[0] != 3:
-                raise DialogueError(f"sample {self.key or self.dialogue.id!r} image {k!r}: expected [3, H, W], got {tuple(img.shape)}")
+                raise DialogueError(
+                    f"sample {self.key or self.dialogue.id!r} image {k!r}: expected [3, H, W], got {tuple(img.shape)}"
+                )

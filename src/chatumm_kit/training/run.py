@@ -40,7 +40,11 @@ class TrainingResult:
 
 def check_train_recipe(cfg: DictConfig) -> None:
     """Top-level keys of a training recipe: unknown keys and a missing ``system``/``trainer`` are errors."""
-    problems = [f"{k}: unknown top-level key (expected one of {', '.join(sorted(TRAIN_KEYS))})" for k in cfg.keys() if k not in TRAIN_KEYS]
+    problems = [
+        f"{k}: unknown top-level key (expected one of {', '.join(sorted(TRAIN_KEYS))})"
+        for k in cfg.keys()
+        if k not in TRAIN_KEYS
+    ]
     problems += [f"{k}: missing (a training recipe needs it)" for k in ("system", "trainer") if k not in cfg]
     if problems:
         raise RecipeError(problems)
@@ -51,7 +55,9 @@ def resolve_resume(value: Any, checkpoint_dir: Path) -> str | None:
     if value in (None, "", False):
         return None
     if value == "last":
-        found = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoint_dir.is_dir() else []
+        found = (
+            sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoint_dir.is_dir() else []
+        )
         return str(found[-1]) if found else None
     path = Path(str(value))
     if not path.is_file():
@@ -90,12 +96,20 @@ def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLO
         raise RecipeError(f"system: built {type(system).__name__}, expected a lightning.LightningModule")
     data = instantiate(cfg.data, allowed_roots=allowed, path="data") if cfg.get("data") is not None else None
     trainer = _build_trainer(cfg.trainer, output_dir, allowed)
-    ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath else output_dir / "checkpoints"
+    ckpt_dir = (
+        Path(trainer.checkpoint_callback.dirpath)
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath
+        else output_dir / "checkpoints"
+    )
     ckpt = resolve_resume(cfg.get("resume_from"), ckpt_dir)
 
     trainer.fit(system, datamodule=data, ckpt_path=ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    last = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    last = (
+        trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+        if trainer.checkpoint_callback
+        else ""
+    )
     result = TrainingResult(output_dir=output_dir, last_checkpoint=Path(last) if last else None, metrics=metrics)
     print(f"logs and checkpoints: {output_dir}")
     if result.last_checkpoint:
