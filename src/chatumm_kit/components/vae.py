@@ -1,0 +1,391 @@
+"""`VAELatentHead`: the image autoencoder and the LLM-facing latent layers of the generation path (SPEC §4).
+
+Holds a diffusers ``AutoencoderKL`` (BAGEL: the FLUX VAE — 8× downsample, 16 channels) and:
+
+* latent normalisation ``z ← scaling_factor · (z − shift_factor)`` (FLUX: 0.3611, 0.1159) — :meth:`encode` returns
+  normalised latents, :meth:`decode` undoes it;
+* 2×2 latent patchification, feature order (p_row, p_col, C), tokens row-major — :meth:`patchify` /
+  :meth:`unpatchify`;
+* ``vae2llm`` (``4C → hidden``), ``time_embedder`` (sinusoid of ``t ∈ [0, 1]`` + MLP), ``latent_pos_embed`` (fixed
+  2-D sin-cos indexed ``row · max_latent_side + col``): :meth:`embed` sums the three;
+* ``llm2vae`` (``hidden → 4C``), zero-initialised so a fresh head predicts velocity 0: :meth:`velocity`.
+
+**Frozen by default.** With ``freeze_autoencoder=True`` the autoencoder's parameters have ``requires_grad=False``,
+it stays in eval mode even when the head is put in train mode, and :meth:`encode` runs it under ``no_grad``.
+
+**Deterministic latents.** :meth:`encode` uses the posterior **mode** (its mean) rather than a sample, so the same
+image always gives the same latent (clean views, caching, tests); the flow-matching noise is the only randomness.
+
+**Fitting the autoencoder on a new image domain.** Built with ``freeze_autoencoder=False``, the head is its own
+Lightning system: :meth:`training_step` minimises reconstruction (L1 or MSE) + ``kl_weight`` · KL of the posterior
+(mean per latent element), :meth:`configure_optimizers` gives AdamW over the autoencoder's parameters only (the
+LLM-facing layers are trained with the unified model, not here). :meth:`fit_latent_stats` then sets the shift and
+scale so that normalised latents have mean 0 and standard deviation 1 on sample images.
+:func:`tiny_autoencoder` builds a small ``AutoencoderKL`` for the 32×32 ShapesChat world.
+
+Example:
+    >>> head = VAELatentHead(hidden=64, autoencoder=tiny_autoencoder(latent_channels=4, downsample=4),
+    ...                      scaling_factor=1.0, shift_factor=0.0, max_latent_side=8)
+    >>> z = head.encode([torch.rand(3, 32, 32) * 2 - 1])[0]                # [4, 8, 8]
+    >>> tokens = head.patchify(z)                                          # [16, 16]
+    >>> rc = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
+    >>> head.embed(tokens, torch.full((16,), 0.5), rc).shape
+    torch.Size([16, 64])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch import nn
+
+from chatumm_kit.components.layers import PositionTable2D, TimestepEmbedder
+
+__all__ = ["VAELatentHead", "VAELoss", "autoencoder_config", "tiny_autoencoder"]
+
+
+def autoencoder_config(autoencoder: AutoencoderKL) -> dict[str, Any]:
+    """The public ``AutoencoderKL`` constructor arguments of a built autoencoder (diffusers' private keys dropped)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in autoencoder.config.items() if not k.startswith("_")}
+
+
+def tiny_autoencoder(
+    *,
+    latent_channels: int = 4,
+    downsample: int = 4,
+    base_channels: int = 32,
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    mid_block_attention: bool = False,
+) -> AutoencoderKL:
+    """A small ``AutoencoderKL`` (FLUX layout: no quant convs) that builds in milliseconds and runs fast on CPU.
+
+    ``downsample`` must be a power of two; the encoder has ``log2(downsample) + 1`` blocks of width
+    ``base_channels · (1, 2, 2, …)``. 32×32 ShapesChat images with ``downsample=4`` give 8×8 latents (4×4 tokens).
+
+    Example:
+        >>> ae = tiny_autoencoder(latent_channels=4, downsample=4)
+        >>> ae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode().shape
+        torch.Size([1, 4, 8, 8])
+    """
+    if downsample < 1 or downsample & (downsample - 1):
+        raise ValueError(f"tiny_autoencoder: downsample must be a power of two, got {downsample}")
+    n_blocks = downsample.bit_length()  # log2(downsample) + 1
+    widths = [base_channels * min(2**i, 2) for i in range(n_blocks)]
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n_blocks,
+        up_block_types=["UpDecoderBlock2D"] * n_blocks,
+        block_out_channels=widths,
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=mid_block_attention,
+    )
+
+
+@dataclass
+class VAELoss:
+    """Autoencoder fitting loss: ``total = reconstruction + kl_weight · kl`` (scalars)."""
+
+    total: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+
+
+class VAELatentHead(L.LightningModule):
+    """Frozen image autoencoder + latent patchify + LLM-facing embedding and output layers.
+
+    Args:
+        hidden: LLM hidden size.
+        autoencoder: a built ``AutoencoderKL`` (e.g. from ``convert.flux_vae.load_flux_vae`` or
+            :func:`tiny_autoencoder`); exactly one of ``autoencoder`` / ``autoencoder_kwargs``.
+        autoencoder_kwargs: ``AutoencoderKL`` constructor arguments (used by ``load_from_checkpoint``: the config of
+            a passed autoencoder is stored in the hyperparameters under this name).
+        scaling_factor, shift_factor: latent normalisation ``z ← scale · (z − shift)`` (FLUX: 0.3611, 0.1159).
+        latent_patch: latent patch side (BAGEL: 2).
+        max_latent_side: side of the latent position grid, in tokens (BAGEL: 64).
+        timestep_freq_dim: sinusoid width of the time embedding (SPEC §4: 256).
+        freeze_autoencoder: keep the autoencoder frozen and in eval mode (default); False to fit it.
+        reconstruction_loss: ``"l1"`` or ``"mse"`` for :meth:`training_step`.
+        kl_weight: weight of the mean-per-latent-element KL in :meth:`training_step`.
+        lr, weight_decay: AdamW settings for :meth:`configure_optimizers`.
+
+    Shapes:
+        ``embed(x_t [N, p²C], t [N], rc [N, 2]) -> [N, hidden]``; ``velocity(h [N, hidden]) -> [N, p²C]``.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden: int,
+        autoencoder: AutoencoderKL | None = None,
+        autoencoder_kwargs: dict[str, Any] | None = None,
+        scaling_factor: float = 0.3611,
+        shift_factor: float = 0.1159,
+        latent_patch: int = 2,
+        max_latent_side: int = 64,
+        timestep_freq_dim: int = 256,
+        freeze_autoencoder: bool = True,
+        reconstruction_loss: Literal["l1", "mse"] = "l1",
+        kl_weight: float = 1e-4,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if (autoencoder is None) == (autoencoder_kwargs is None):
+            raise ValueError("VAELatentHead: pass exactly one of autoencoder= or autoencoder_kwargs=")
+        if reconstruction_loss not in ("l1", "mse"):
+            raise ValueError(f"VAELatentHead: reconstruction_loss must be 'l1' or 'mse', got {reconstruction_loss!r}")
+        if autoencoder is None:
+            autoencoder = AutoencoderKL(**autoencoder_kwargs)
+        self.save_hyperparameters(ignore=["autoencoder"])
+        self.hparams["autoencoder_kwargs"] = autoencoder_config(autoencoder)  # so load_from_checkpoint can rebuild
+        self.autoencoder = autoencoder
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+        self.latent_patch = latent_patch
+        self.max_latent_side = max_latent_side
+        self.latent_channels = int(autoencoder.config.latent_channels)
+        self.downsample = 2 ** (len(autoencoder.config.block_out_channels) - 1)
+        self.freeze_autoencoder = freeze_autoencoder
+
+        token_dim = self.latent_channels * latent_patch**2
+        self.vae2llm = nn.Linear(token_dim, hidden)
+        self.llm2vae = nn.Linear(hidden, token_dim)
+        nn.init.zeros_(self.llm2vae.weight)  # SPEC §4: a fresh head predicts zero velocity
+        nn.init.zeros_(self.llm2vae.bias)
+        self.latent_pos_embed = PositionTable2D(dim=hidden, max_side=max_latent_side)
+        self.time_embedder = TimestepEmbedder(hidden=hidden, freq_dim=timestep_freq_dim)
+        if freeze_autoencoder:
+            self.autoencoder.requires_grad_(False)
+            self.autoencoder.eval()
+
+    @property
+    def token_dim(self) -> int:
+        """Features per latent token: ``latent_patch² · latent_channels`` (FLUX: 64)."""
+        return self.latent_channels * self.latent_patch**2
+
+    def train(self, mode: bool = True) -> VAELatentHead:
+        """As ``nn.Module.train``, but a frozen autoencoder stays in eval mode."""
+        super().train(mode)
+        if self.freeze_autoencoder:
+            self.autoencoder.eval()
+        return self
+
+    # ------------------------------------------------------------------ pixels <-> normalised latents
+
+    def _check_image(self, image: torch.Tensor, where: str) -> None:
+        if image.ndim != 3 or image.shape[0] != self.autoencoder.config.in_channels:
+            raise ValueError(f"VAELatentHead.{where}: expected an image [3, H, W], got {tuple(image.shape)}")
+        if image.shape[1] % self.downsample or image.shape[2] % self.downsample:
+            raise ValueError(
+                f"VAELatentHead.{where}: image size {tuple(image.shape[1:])} is not a multiple of the "
+                f"autoencoder's downsample factor {self.downsample}"
+            )
+
+    @staticmethod
+    def _by_size(items: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(items):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        return groups
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw autoencoder latent -> model latent: ``scale · (z − shift)``."""
+        return self.scaling_factor * (z - self.shift_factor)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Model latent -> raw autoencoder latent: ``z / scale + shift``."""
+        return z / self.scaling_factor + self.shift_factor
+
+    def encode(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Images in ``[-1, 1]`` -> normalised latents (posterior mode; images of one size are batched together).
+
+        Shapes:
+            ``images: list of [3, H, W] -> list of [C, H/d, W/d]`` (``d`` = downsample factor).
+        """
+        for image in images:
+            self._check_image(image, "encode")
+        out: list[torch.Tensor | None] = [None] * len(images)
+        dtype = next(self.autoencoder.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_autoencoder):
+            for idx in self._by_size(images).values():
+                x = torch.stack([images[i] for i in idx]).to(dtype)
+                z = self.normalize(self.autoencoder.encode(x).latent_dist.mode())
+                for i, zi in zip(idx, z):
+                    out[i] = zi
+        return out  # type: ignore[return-value]
+
+    def decode(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalised latents -> images (about ``[-1, 1]``, not clamped; clamp before saving).
+
+        Shapes:
+            ``latents: list of [C, h, w] -> list of [3, h·d, w·d]``.
+        """
+        out: list[torch.Tensor | None] = [None] * len(latents)
+        dtype = next(self.autoencoder.parameters()).dtype
+        for idx in self._by_size(latents).values():
+            z = torch.stack([latents[i] for i in idx])
+            if z.shape[1] != self.latent_channels:
+                raise ValueError(f"VAELatentHead.decode: latents must have {self.latent_channels} channels")
+            images = self.autoencoder.decode(self.denormalize(z).to(dtype)).sample
+            for i, im in zip(idx, images):
+                out[i] = im
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ latents <-> tokens
+
+    def patchify(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[C, h, w] -> [(h/p)·(w/p), p·p·C]``: tokens row-major, features ordered (p_row, p_col, C).
+
+        Example:
+            >>> head.patchify(torch.zeros(16, 8, 6)).shape        # doctest: +SKIP
+            torch.Size([12, 64])
+        """
+        p = self.latent_patch
+        c, h, w = latent.shape
+        if c != self.latent_channels or h % p or w % p:
+            raise ValueError(
+                f"VAELatentHead.patchify: latent {tuple(latent.shape)} must have {self.latent_channels} channels and "
+                f"sides divisible by latent_patch={p}"
+            )
+        grid = latent.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0)  # [gh, gw, p_row, p_col, C]
+        return grid.reshape((h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, tokens: torch.Tensor, grid_hw: tuple[int, int] | torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`patchify`: ``[gh·gw, p·p·C]`` and ``(gh, gw)`` -> ``[C, gh·p, gw·p]``."""
+        gh, gw = (int(v) for v in grid_hw)
+        p, c = self.latent_patch, self.latent_channels
+        if tokens.shape != (gh * gw, p * p * c):
+            raise ValueError(
+                f"VAELatentHead.unpatchify: tokens {tuple(tokens.shape)} do not fit grid {gh}x{gw} of {p * p * c}"
+            )
+        return tokens.reshape(gh, gw, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, gh * p, gw * p)
+
+    def view_tokens(self, latents: Sequence[torch.Tensor], view_image: torch.Tensor) -> torch.Tensor:
+        """Tokens of every VAE view in sequence order (``PackedBatch.vae_images`` / ``vae_view_image`` layout).
+
+        Shapes:
+            ``latents: list of [C, h, w], view_image: [n_views] -> [N_vae, p·p·C]``.
+        """
+        if len(view_image) == 0:
+            return self.vae2llm.weight.new_zeros(0, self.token_dim)
+        return torch.cat([self.patchify(latents[int(i)]) for i in view_image])
+
+    # ------------------------------------------------------------------ LLM-facing layers
+
+    def embed(self, x_t: torch.Tensor, t: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
+        """Latent tokens -> LLM inputs: ``vae2llm(x_t) + time_embedder(t) + latent_pos_embed[row · side + col]``.
+
+        ``t`` is the flow-matching time in ``[0, 1]`` (0 for clean views).
+
+        Shapes:
+            ``x_t [N, p²C], t [N], rc [N, 2] -> [N, hidden]``.
+        """
+        flat = self.latent_pos_embed.index(rc[:, 0].long(), rc[:, 1].long())
+        h = self.vae2llm(x_t.to(self.vae2llm.weight.dtype))
+        return h + self.time_embedder(t).to(h.dtype) + self.latent_pos_embed(flat).to(h.dtype)
+
+    def velocity(self, h: torch.Tensor) -> torch.Tensor:
+        """LLM outputs at noised latent tokens -> predicted velocity ``[N, p²C]`` (``llm2vae``)."""
+        return self.llm2vae(h)
+
+    # ------------------------------------------------------------------ fitting the autoencoder
+
+    @torch.no_grad()
+    def fit_latent_stats(self, images: Sequence[torch.Tensor]) -> tuple[float, float]:
+        """Set ``shift_factor`` / ``scaling_factor`` to the raw latents' mean and 1/std over ``images``.
+
+        Returns ``(scaling_factor, shift_factor)``; also stored in ``hparams`` so checkpoints keep them.
+        """
+        saved = self.scaling_factor, self.shift_factor
+        self.scaling_factor, self.shift_factor = 1.0, 0.0
+        raw = torch.cat([z.reshape(-1).float() for z in self.encode(images)])
+        if raw.numel() < 2 or float(raw.std()) == 0.0:
+            self.scaling_factor, self.shift_factor = saved
+            raise ValueError("VAELatentHead.fit_latent_stats: latents have no spread; pass more / varied images")
+        self.shift_factor, self.scaling_factor = float(raw.mean()), float(1.0 / raw.std())
+        self.hparams["scaling_factor"], self.hparams["shift_factor"] = self.scaling_factor, self.shift_factor
+        return self.scaling_factor, self.shift_factor
+
+    def autoencoder_loss(self, images: torch.Tensor) -> VAELoss:
+        """Reconstruction + KL for a batch ``[B, 3, H, W]`` in ``[-1, 1]`` (posterior *sampled*, as in VAE training)."""
+        posterior = self.autoencoder.encode(images).latent_dist
+        z = posterior.sample()
+        recon = self.autoencoder.decode(z).sample
+        if self.hparams.reconstruction_loss == "l1":
+            rec = F.l1_loss(recon, images)
+        else:
+            rec = F.mse_loss(recon, images)
+        kl = posterior.kl().mean() / z[0].numel()  # diffusers sums KL over C, h, w: make it per latent element
+        return VAELoss(total=rec + self.hparams.kl_weight * kl, reconstruction=rec, kl=kl)
+
+    def _batch_images(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if isinstance(batch, torch.Tensor):
+            if batch.ndim != 4:
+                raise ValueError(f"VAELatentHead: a tensor batch must be [B, 3, H, W], got {tuple(batch.shape)}")
+            return [batch]
+        for image in batch:
+            self._check_image(image, "training_step")
+        return [torch.stack([batch[i] for i in idx]) for idx in self._by_size(batch).values()]
+
+    def _loss_over(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> VAELoss:
+        """Loss of each same-size group, weighted by its share of the images."""
+        groups = self._batch_images(batch)
+        total_images = sum(g.shape[0] for g in groups)
+        parts = [(g.shape[0] / total_images, self.autoencoder_loss(g)) for g in groups]
+        return VAELoss(
+            total=sum(w * x.total for w, x in parts),
+            reconstruction=sum(w * x.reconstruction for w, x in parts),
+            kl=sum(w * x.kl for w, x in parts),
+        )
+
+    def training_step(self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
+        """Fit the autoencoder: ``batch`` is ``[B, 3, H, W]`` or a list of ``[3, H, W]`` images in ``[-1, 1]``."""
+        if self.freeze_autoencoder:
+            raise RuntimeError(
+                "VAELatentHead.training_step: the autoencoder is frozen; build the head with "
+                "freeze_autoencoder=False to fit it"
+            )
+        loss = self._loss_over(batch)
+        n = batch.shape[0] if isinstance(batch, torch.Tensor) else len(batch)
+        self.log_dict(
+            {"vae/loss": loss.total, "vae/reconstruction": loss.reconstruction, "vae/kl": loss.kl},
+            prog_bar=True,
+            batch_size=n,
+        )
+        return loss.total
+
+    @torch.no_grad()
+    def reconstruction_error(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean absolute error of decode(posterior mode) against the images (deterministic; scalar)."""
+        errs = [
+            (self.autoencoder.decode(self.autoencoder.encode(x).latent_dist.mode()).sample - x)
+            .abs()
+            .mean(dim=(1, 2, 3))
+            for x in self._batch_images(batch)
+        ]
+        return torch.cat(errs).mean()
+
+    def validation_step(self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
+        """:meth:`reconstruction_error`, logged as ``vae/val_reconstruction``."""
+        err = self.reconstruction_error(batch)
+        n = batch.shape[0] if isinstance(batch, torch.Tensor) else len(batch)
+        self.log("vae/val_reconstruction", err, prog_bar=True, batch_size=n)
+        return err
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the autoencoder's parameters (the LLM-facing layers are trained with the unified model)."""
+        return torch.optim.AdamW(
+            self.autoencoder.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
