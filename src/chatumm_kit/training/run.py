@@ -3,7 +3,8 @@
 A training recipe has these top-level keys:
 
 * ``seed`` — global seed (default 0);
-* ``output_dir`` — where logs and checkpoints go (default ``runs/<recipe name>``);
+* ``output_dir`` — where logs and checkpoints go (default ``runs/train``);
+* ``vars`` — free values other nodes interpolate (``${vars.data_dir}``);
 * ``prepare`` — a list of ``_component_`` steps run before training (make data if missing, fit a VAE, ...);
   each is a callable that does its work when built;
 * ``system`` — the ``LightningModule``;
@@ -28,7 +29,7 @@ from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate
 
 __all__ = ["TRAIN_KEYS", "TrainingResult", "run_training", "resolve_resume"]
 
-TRAIN_KEYS = frozenset({"seed", "output_dir", "prepare", "system", "data", "trainer", "resume_from", "report"})
+TRAIN_KEYS = frozenset({"seed", "output_dir", "vars", "prepare", "system", "data", "trainer", "resume_from", "report"})
 
 
 @dataclass

@@ -1,0 +1,583 @@
+"""Mixture-of-Transformers backbone: a Qwen2-style decoder with an understanding and a generation expert (SPEC §4).
+
+Every layer holds two copies of its weights — the **understanding** expert (text, markers, ViT tokens) and the
+**generation** expert (all VAE latent tokens) — and one joint softmax attention over all tokens. Routing is by
+token type, given as two index sets over the packed sequence; there is no learned router.
+
+How routing is done (ARCHITECTURE "performance habits"): the residual stream is gathered **once per forward** into
+two contiguous blocks, ``x_und = hidden[und_indices]`` and ``x_gen = hidden[gen_indices]``, and stays split through
+every layer; each expert runs its norms, projections and MLP on its own block with no per-projection gathers.
+Attention sees the tokens in "expert-major" order ``perm = cat(und_indices, gen_indices)``: RoPE positions and the
+dense mask are permuted once per forward (attention is equivariant to a joint permutation of queries, keys and
+mask), so a dense-mask layer does no gather at all; the flex path, whose ``BlockMask`` is laid out in sequence
+order, gathers q/k/v into sequence order and the output back (two gathers per layer). The final norms (``norm`` for
+und tokens, ``norm_moe_gen`` for gen tokens) are applied per block and the result is scattered back once.
+
+Parameter names mirror the BAGEL layout of SPEC §5 without the ``language_model.model.`` prefix (``lm_head`` without
+``language_model.``), so checkpoint conversion is a prefix map.
+
+Example:
+    >>> cfg = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    ...                 intermediate_size=64)
+    >>> mot = MoTBackbone.from_config(cfg)
+    >>> L = 6
+    >>> out = mot(torch.randn(L, 32), position_ids=torch.arange(L), und_indices=torch.arange(3),
+    ...           gen_indices=torch.arange(3, 6), attn_mask=torch.ones(L, L, dtype=torch.bool).tril())
+    >>> out.shape
+    torch.Size([6, 32])
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
+
+from chatumm_kit.components.kv_cache import MoTKVCache
+from chatumm_kit.components.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+
+__all__ = [
+    "GEN_SUFFIX",
+    "MoTAttention",
+    "MoTBackbone",
+    "MoTConfig",
+    "MoTDecoderLayer",
+    "MoTKVCache",
+    "dense_from_block_mask",
+]
+
+GEN_SUFFIX = "_moe_gen"
+"""Suffix of a generation-expert module name; its understanding twin has the same name without it."""
+
+
+@dataclass(frozen=True)
+class MoTConfig:
+    """Sizes and switches of :class:`MoTBackbone`.
+
+    Attributes:
+        vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size: decoder sizes.
+        rope_theta: RoPE base (1e6 for Qwen2.5 / BAGEL).
+        rms_eps: RMSNorm epsilon.
+        qk_norm: RMS-norm q and k over ``head_dim`` before RoPE. BAGEL turns it on (SPEC §5). A plain Qwen2 /
+            Qwen2.5 checkpoint has no q/k-norm weights; because RMSNorm with a unit gain still rescales every head
+            vector to unit RMS, converting such a checkpoint reproduces its logits only with ``qk_norm=False``.
+        attn_backend: ``"sdpa"`` (dense bool mask; CPU, tests) or ``"flex"`` (``BlockMask``; compiled on CUDA,
+            eager on CPU). torch's flex attention has no CPU backward, so on CPU with autograd enabled the
+            ``BlockMask`` is expanded to a dense mask (O(L²), once per forward) and SDPA runs instead.
+        gradient_checkpointing: recompute each layer in backward (training only).
+        freeze_understanding: no gradient into the understanding expert; see :meth:`MoTBackbone.understanding_modules`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 1e6
+    rms_eps: float = 1e-6
+    qk_norm: bool = True
+    attn_backend: Literal["sdpa", "flex"] = "sdpa"
+    gradient_checkpointing: bool = False
+    freeze_understanding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"MoTConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.attn_backend not in ("sdpa", "flex"):
+            raise ValueError(f"MoTConfig.attn_backend must be 'sdpa' or 'flex', got {self.attn_backend!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MoTConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention over expert-major q/k/v. Each strategy maps (layer, q [Lq,H,hd], k/v [Lq,Hkv,hd]) -> [Lq, H*hd].
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``q [Lq,H,hd]``, ``k/v [Hkv,Lk,hd]``, ``mask [Lq,Lk]`` bool -> ``[Lq, H*hd]`` (GQA via ``enable_gqa``)."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def dense_from_block_mask(block_mask: BlockMask) -> torch.Tensor:
+    """``[Q_LEN, KV_LEN]`` bool equivalent of a (batch- and head-independent) ``BlockMask``.
+
+    A pair may attend iff its block is present (partial or full) and ``mask_mod`` allows it; a correct
+    ``BlockMask`` has ``mask_mod`` true throughout its full blocks, so this is exact.
+    """
+    q_len, kv_len = block_mask.seq_lengths
+    device = block_mask.kv_num_blocks.device
+    by_pair = create_mask(block_mask.mask_mod, None, None, q_len, kv_len, device=device)[0, 0]
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    blocks = block_mask.to_dense()[0, 0].bool()
+    blocks = blocks.repeat_interleave(q_block, 0).repeat_interleave(kv_block, 1)[:q_len, :kv_len]
+    return by_pair & blocks
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class _DenseAttention:
+    """SDPA with the dense mask permuted once per forward into expert-major order (no per-layer gathers)."""
+
+    def __init__(self, mask_em: torch.Tensor) -> None:
+        self.mask_em = mask_em
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _sdpa(q, k.transpose(0, 1), v.transpose(0, 1), self.mask_em)
+
+
+class _FlexAttention:
+    """flex_attention with a sequence-order ``BlockMask``: gather q/k/v to sequence order, attend, gather back."""
+
+    def __init__(self, block_mask: BlockMask, perm: torch.Tensor, inv: torch.Tensor) -> None:
+        self.block_mask, self.perm, self.inv = block_mask, perm, inv
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def to_seq(x: torch.Tensor) -> torch.Tensor:  # [L, h, hd] expert-major -> [1, h, L, hd] sequence order
+            return x.index_select(0, self.inv).transpose(0, 1)[None]
+
+        if q.is_cuda:
+            fn = _compiled_flex()
+        else:  # CPU: eager flex (unfused, materialises scores); compiling costs ~15 s per shape on CPU
+            fn = flex_attention
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = fn(to_seq(q), to_seq(k), to_seq(v), block_mask=self.block_mask, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(q.shape[0], -1).index_select(0, self.perm)
+
+
+class _CachedAttention:
+    """Incremental attention: the chunk sees every cached key plus its own ``[L_new, L_new]`` mask (SDPA only).
+
+    The chunk's keys/values are written in sequence order into the cache rows just past ``num_tokens`` and the
+    queries attend over ``[0, num_tokens + L_new)``; ``MoTBackbone`` commits the rows afterwards only if asked.
+    """
+
+    def __init__(self, cache: MoTKVCache, chunk_mask: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> None:
+        self.cache, self.inv = cache, inv
+        self.start = cache.num_tokens
+        self.end = self.start + perm.numel()
+        rows = chunk_mask.index_select(0, perm)  # queries expert-major, keys in sequence order
+        past = torch.ones(rows.shape[0], self.start, dtype=torch.bool, device=rows.device)
+        self.mask = torch.cat([past, rows], dim=1)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.cache.write(layer, self.start, k.index_select(0, self.inv), v.index_select(0, self.inv))
+        keys, values = self.cache.span(layer, self.end)
+        return _sdpa(q, keys, values, self.mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _qk_norm(config: MoTConfig) -> nn.Module:
+    return RMSNorm(config.head_dim, eps=config.rms_eps) if config.qk_norm else nn.Identity()
+
+
+class MoTAttention(nn.Module):
+    """Two experts' q/k/v/o projections and q/k norms around one joint attention.
+
+    q/k/v projections have biases, o has none (Qwen2). q/k norms are RMSNorms over ``head_dim`` applied before RoPE
+    (``nn.Identity`` when ``qk_norm=False``). The ``*_moe_gen`` modules are the generation expert.
+    """
+
+    def __init__(self, *, config: MoTConfig) -> None:
+        super().__init__()
+        d, h, hkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
+        self.q_proj = nn.Linear(d, h * hd, bias=True)
+        self.k_proj = nn.Linear(d, hkv * hd, bias=True)
+        self.v_proj = nn.Linear(d, hkv * hd, bias=True)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.q_norm = _qk_norm(config)
+        self.k_norm = _qk_norm(config)
+        self.q_proj_moe_gen = nn.Linear(d, h * hd, bias=True)
+        self.k_proj_moe_gen = nn.Linear(d, hkv * hd, bias=True)
+        self.v_proj_moe_gen = nn.Linear(d, hkv * hd, bias=True)
+        self.o_proj_moe_gen = nn.Linear(h * hd, d, bias=False)
+        self.q_norm_moe_gen = _qk_norm(config)
+        self.k_norm_moe_gen = _qk_norm(config)
+
+    def project_und(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Understanding expert: ``x [n, D] -> q [n,H,hd], k [n,Hkv,hd], v [n,Hkv,hd]`` (normed, before RoPE)."""
+        return self._project(x, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)
+
+    def project_gen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generation expert: same as :meth:`project_und` with the ``*_moe_gen`` weights."""
+        return self._project(
+            x, self.q_proj_moe_gen, self.k_proj_moe_gen, self.v_proj_moe_gen, self.q_norm_moe_gen, self.k_norm_moe_gen
+        )
+
+    def _project(self, x, q_proj, k_proj, v_proj, q_norm, k_norm):
+        n = x.shape[0]
+        q = q_norm(q_proj(x).view(n, self.num_heads, self.head_dim))
+        k = k_norm(k_proj(x).view(n, self.num_kv_heads, self.head_dim))
+        v = v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+
+class MoTDecoderLayer(nn.Module):
+    """One pre-norm decoder layer with two experts.
+
+    ``forward(x_und [n_und, D], x_gen [n_gen, D], *, cos, sin, attend) -> (x_und, x_gen)`` where ``cos``/``sin``
+    (``[n_und + n_gen, head_dim]``) are the RoPE tables of the expert-major token order and ``attend`` is the
+    attention strategy the backbone built for this forward. An empty block costs nothing (its expert is skipped, so
+    its weights get no gradient).
+    """
+
+    EXPERT_MODULES: tuple[str, ...] = (
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "self_attn.q_norm",
+        "self_attn.k_norm",
+        "post_attention_layernorm",
+        "mlp",
+    )
+    """Understanding-expert submodules; each has a twin named ``<name>_moe_gen``."""
+
+    def __init__(self, *, config: MoTConfig, layer_idx: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(d, eps=config.rms_eps)
+        self.input_layernorm_moe_gen = RMSNorm(d, eps=config.rms_eps)
+        self.self_attn = MoTAttention(config=config)
+        self.post_attention_layernorm = RMSNorm(d, eps=config.rms_eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(d, eps=config.rms_eps)
+        self.mlp = SwiGLU(dim=d, hidden_dim=config.intermediate_size)
+        self.mlp_moe_gen = SwiGLU(dim=d, hidden_dim=config.intermediate_size)
+
+    def forward(
+        self, x_und: torch.Tensor, x_gen: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, attend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_und, n_gen = x_und.shape[0], x_gen.shape[0]
+        attn = self.self_attn
+        parts = []
+        if n_und:
+            parts.append(attn.project_und(self.input_layernorm(x_und)))
+        if n_gen:
+            parts.append(attn.project_gen(self.input_layernorm_moe_gen(x_gen)))
+        q, k, v = (torch.cat(t, dim=0) if len(t) > 1 else t[0] for t in zip(*parts))  # expert-major [L, h, hd]
+        q, k = apply_rotary(q, k, cos[:, None], sin[:, None])
+        out = attend(self.layer_idx, q, k, v)  # [L, H*hd]
+        if n_und:
+            x_und = x_und + attn.o_proj(out[:n_und])
+            x_und = x_und + self.mlp(self.post_attention_layernorm(x_und))
+        if n_gen:
+            x_gen = x_gen + attn.o_proj_moe_gen(out[n_und:])
+            x_gen = x_gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x_gen))
+        return x_und, x_gen
+
+
+class MoTBackbone(L.LightningModule):
+    """The MoT language model: shared ``embed_tokens``/``lm_head``/rotary, ``layers``, ``norm`` and ``norm_moe_gen``.
+
+    Used as a plain module inside ``ChatUMM`` (its :meth:`forward` maps embedded packed hidden states to final-normed
+    hidden states), and trainable alone as a text LM (:meth:`training_step`).
+
+    Args:
+        vocab_size ... freeze_understanding: the fields of :class:`MoTConfig`.
+        lr, weight_decay: AdamW settings for standalone training (:meth:`configure_optimizers`).
+
+    ``freeze_understanding`` sets ``requires_grad=False`` on every understanding-expert weight (all layer modules
+    without ``_moe_gen``, and ``norm``) **and** on ``embed_tokens`` and ``lm_head``: both only ever serve
+    understanding-routed tokens (text and markers), so training them would change understanding behaviour too.
+    Activations are not detached: gen tokens still attend to und keys/values, and gradients still flow through
+    und tokens' activations to whatever upstream is trainable (e.g. gen weights of earlier clean VAE tokens), so
+    the generation expert's gradients are exactly those of the unfrozen model.
+
+    Example:
+        >>> mot = MoTBackbone(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+        ...                   intermediate_size=64)
+        >>> mot.text_logits(torch.randint(0, 64, (2, 5))).shape
+        torch.Size([2, 5, 64])
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        intermediate_size: int,
+        rope_theta: float = 1e6,
+        rms_eps: float = 1e-6,
+        qk_norm: bool = True,
+        attn_backend: Literal["sdpa", "flex"] = "sdpa",
+        gradient_checkpointing: bool = False,
+        freeze_understanding: bool = False,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        cfg = MoTConfig(**{f.name: self.hparams[f.name] for f in fields(MoTConfig)})
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(head_dim=cfg.head_dim, theta=cfg.rope_theta)
+        self.layers = nn.ModuleList(MoTDecoderLayer(config=cfg, layer_idx=i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.freeze_understanding:
+            for module in self.understanding_modules(include_shared=True):
+                module.requires_grad_(False)
+
+    # ---------------------------------------------------------------- construction helpers
+
+    @classmethod
+    def from_config(cls, config: MoTConfig, **training: float) -> MoTBackbone:
+        """Build from a :class:`MoTConfig` (``training``: ``lr``, ``weight_decay``)."""
+        return cls(**asdict(config), **training)
+
+    @classmethod
+    def from_meta(cls, config: MoTConfig, **training: float) -> MoTBackbone:
+        """Build on the meta device: shapes only, nothing allocated (count parameters, or fill with
+        ``load_state_dict(..., assign=True)``; otherwise ``to_empty(device=...)`` then :meth:`reset_parameters`)."""
+        with torch.device("meta"):
+            return cls.from_config(config, **training)
+
+    def reset_parameters(self) -> None:
+        """Qwen2-style init (normal std 0.02, zero biases, unit norms), then gen expert := copy of und (SPEC §4)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.init_generation_from_understanding()
+
+    def expert_module_names(self) -> list[tuple[str, str]]:
+        """``(und_name, gen_name)`` for every expert-specific module with weights, e.g.
+        ``("layers.0.self_attn.q_proj", "layers.0.self_attn.q_proj_moe_gen")`` and ``("norm", "norm_moe_gen")``."""
+        names = [("norm", "norm" + GEN_SUFFIX)]
+        for i in range(len(self.layers)):
+            for name in MoTDecoderLayer.EXPERT_MODULES:
+                if name.endswith(("q_norm", "k_norm")) and not self.config.qk_norm:
+                    continue
+                names.append((f"layers.{i}.{name}", f"layers.{i}.{name}{GEN_SUFFIX}"))
+        return names
+
+    def understanding_modules(self, *, include_shared: bool = False) -> Iterator[nn.Module]:
+        """Modules of the understanding expert (plus ``embed_tokens`` and ``lm_head`` if ``include_shared``)."""
+        for und_name, _ in self.expert_module_names():
+            yield self.get_submodule(und_name)
+        if include_shared:
+            yield self.embed_tokens
+            yield self.lm_head
+
+    def generation_modules(self) -> Iterator[nn.Module]:
+        """Modules of the generation expert (``*_moe_gen``)."""
+        for _, gen_name in self.expert_module_names():
+            yield self.get_submodule(gen_name)
+
+    @torch.no_grad()
+    def init_generation_from_understanding(self) -> None:
+        """Copy every understanding-expert weight into its ``_moe_gen`` twin."""
+        for und_name, gen_name in self.expert_module_names():
+            und, gen = self.get_submodule(und_name), self.get_submodule(gen_name)
+            for (pname, p_und), (_, p_gen) in zip(und.named_parameters(), gen.named_parameters(), strict=True):
+                if p_und.shape != p_gen.shape:
+                    raise RuntimeError(f"{und_name}.{pname} {tuple(p_und.shape)} vs {gen_name} {tuple(p_gen.shape)}")
+                p_gen.copy_(p_und)
+
+    def new_kv_cache(self, *, capacity: int = 0) -> MoTKVCache:
+        """An empty :class:`MoTKVCache` matching this model's layers, heads, dtype and device."""
+        p = self.lm_head.weight
+        c = self.config
+        return MoTKVCache(
+            num_layers=c.num_layers,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            dtype=p.dtype,
+            device=p.device,
+            capacity=capacity,
+        )
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        position_ids: torch.Tensor,
+        und_indices: torch.Tensor,
+        gen_indices: torch.Tensor,
+        attn_mask: torch.Tensor | BlockMask,
+        kv_cache: MoTKVCache | None = None,
+        commit: bool | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder over one packed sequence (or one appended chunk when ``kv_cache`` is given).
+
+        Args:
+            hidden: ``[L, D]`` embedded tokens (text embeddings, ViT features, VAE latent embeddings).
+            position_ids: ``[L]`` 1-D RoPE positions (SPEC §3).
+            und_indices: ``[N_und]`` positions routed to the understanding expert.
+            gen_indices: ``[N_gen]`` positions routed to the generation expert; with ``und_indices`` a partition
+                of ``[0, L)``.
+            attn_mask: a flex ``BlockMask`` (``attn_backend="flex"``) or a dense bool ``[L, L]``, True = may attend
+                (``"sdpa"``, and always with a cache, where it is the mask *inside* the chunk: queries also see
+                every cached token).
+            kv_cache: cache of the stream so far; the chunk is appended to it.
+            commit: with a cache, required: keep the chunk's keys/values (True) or leave the cache as it was
+                (False, e.g. a noised image chunk that nothing later may see).
+
+        Returns:
+            ``[L, D]`` final-normed hidden states: und tokens through ``norm``, gen tokens through ``norm_moe_gen``.
+        """
+        seq_len = hidden.shape[0]
+        if seq_len == 0:
+            raise ValueError("MoTBackbone.forward: empty sequence (L = 0)")
+        if hidden.dim() != 2 or hidden.shape[1] != self.config.hidden_size:
+            raise ValueError(
+                f"MoTBackbone.forward: hidden must be [L, {self.config.hidden_size}], got {tuple(hidden.shape)}"
+            )
+        if position_ids.shape != (seq_len,):
+            raise ValueError(f"MoTBackbone.forward: position_ids must be [{seq_len}], got {tuple(position_ids.shape)}")
+        n_und, n_gen = und_indices.numel(), gen_indices.numel()
+        if n_und + n_gen != seq_len:
+            raise ValueError(f"MoTBackbone.forward: und_indices ({n_und}) + gen_indices ({n_gen}) != L ({seq_len})")
+
+        perm = torch.cat([und_indices, gen_indices]).to(device=hidden.device, dtype=torch.long)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(seq_len, device=perm.device)
+        attend = self._attention(attn_mask, perm=perm, inv=inv, kv_cache=kv_cache, commit=commit, seq_len=seq_len)
+        cos, sin = self.rotary(position_ids.to(hidden.device).index_select(0, perm))
+
+        x_und, x_gen = hidden.index_select(0, perm[:n_und]), hidden.index_select(0, perm[n_und:])
+        use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                x_und, x_gen = checkpoint(layer, x_und, x_gen, cos=cos, sin=sin, attend=attend, use_reentrant=False)
+            else:
+                x_und, x_gen = layer(x_und, x_gen, cos=cos, sin=sin, attend=attend)
+        if kv_cache is not None and commit:
+            kv_cache.advance(seq_len)
+        # skip an empty block so an unused expert's final norm gets no (zero) gradient either
+        normed = ([self.norm(x_und)] if n_und else []) + ([self.norm_moe_gen(x_gen)] if n_gen else [])
+        return (torch.cat(normed) if len(normed) > 1 else normed[0]).index_select(0, inv)
+
+    def _attention(self, attn_mask, *, perm, inv, kv_cache, commit, seq_len):
+        """Pick and prepare the attention strategy for this forward; validates mask type against the backend."""
+        if kv_cache is not None:
+            if commit is None:
+                raise ValueError("MoTBackbone.forward: pass commit=True/False together with kv_cache")
+            if torch.is_grad_enabled():
+                raise RuntimeError("MoTBackbone.forward with kv_cache is inference-only: run it under torch.no_grad()")
+            if not isinstance(attn_mask, torch.Tensor) or attn_mask.shape != (seq_len, seq_len):
+                raise ValueError(
+                    f"MoTBackbone.forward with kv_cache needs the chunk's dense bool mask [{seq_len}, {seq_len}], "
+                    f"got {type(attn_mask).__name__} {tuple(getattr(attn_mask, 'shape', ()))}"
+                )
+            self._check_bool(attn_mask)
+            kv_cache.reserve(kv_cache.num_tokens + seq_len)
+            return _CachedAttention(kv_cache, attn_mask.to(perm.device), perm, inv)
+        if commit is not None:
+            raise ValueError("MoTBackbone.forward: commit only applies together with kv_cache")
+        backend = self.config.attn_backend
+        if isinstance(attn_mask, BlockMask):
+            if backend != "flex":
+                raise ValueError(
+                    f"MoTBackbone(attn_backend={backend!r}) got a BlockMask; pass a dense bool [L, L] mask"
+                )
+            if tuple(attn_mask.shape[-2:]) != (seq_len, seq_len):
+                raise ValueError(
+                    f"MoTBackbone.forward: BlockMask covers {tuple(attn_mask.shape[-2:])}, sequence is {seq_len}"
+                )
+            if perm.device.type == "cpu" and torch.is_grad_enabled():  # no flex backward on CPU (see MoTConfig)
+                attn_mask = dense_from_block_mask(attn_mask)
+                return _DenseAttention(attn_mask.index_select(0, perm).index_select(1, perm))
+            return _FlexAttention(attn_mask, perm, inv)
+        if backend != "sdpa":
+            raise ValueError(f"MoTBackbone(attn_backend={backend!r}) needs a BlockMask, got {type(attn_mask).__name__}")
+        if attn_mask.shape != (seq_len, seq_len):
+            raise ValueError(
+                f"MoTBackbone.forward: attn_mask must be [{seq_len}, {seq_len}], got {tuple(attn_mask.shape)}"
+            )
+        self._check_bool(attn_mask)
+        return _DenseAttention(attn_mask.to(perm.device).index_select(0, perm).index_select(1, perm))
+
+    @staticmethod
+    def _check_bool(mask: torch.Tensor) -> None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"MoTBackbone.forward: dense attn_mask must be bool (True = may attend), got {mask.dtype}")
+
+    # ---------------------------------------------------------------- standalone text LM
+
+    def causal_mask(self, doc_ids: torch.Tensor) -> torch.Tensor | BlockMask:
+        """Block-diagonal causal mask for packed text documents, in this model's backend's mask type.
+
+        ``doc_ids``: ``[L]`` document id of each token (non-decreasing).
+        """
+        if self.config.attn_backend == "sdpa":
+            same_doc = doc_ids[:, None] == doc_ids[None, :]
+            return same_doc & torch.ones_like(same_doc).tril()
+
+        def mask_mod(b, h, q, k):
+            return (doc_ids[q] == doc_ids[k]) & (k <= q)
+
+        n = doc_ids.numel()
+        return create_block_mask(mask_mod, None, None, n, n, device=doc_ids.device)
+
+    def text_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of ``[B, T]`` (or ``[T]``) token ids, each row one causal document (all und tokens).
+
+        Returns ``[B, T, vocab]`` (``[T, vocab]`` for 1-D input).
+        """
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        b, t = ids.shape
+        device = ids.device
+        doc_ids = torch.arange(b, device=device).repeat_interleave(t)
+        hidden = self.embed_tokens(ids.reshape(-1))
+        out = self(
+            hidden,
+            position_ids=torch.arange(t, device=device).repeat(b),
+            und_indices=torch.arange(b * t, device=device),
+            gen_indices=torch.empty(0, dtype=torch.long, device=device),
+            attn_mask=self.causal_mask(doc_ids),
+        )
+        logits = self.lm_head(out).view(b, t, -1)
+        return logits if input_ids.dim() == 2 else logits[0]
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Next-token cross-entropy on a ``[B, T]`` LongTensor of token ids (or a dict with ``input_ids``)."""
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        logits = self.text_logits(ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        if self._trainer is not None:
+            self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))

@@ -1,0 +1,156 @@
+"""`ChatUMMSystem`: the LightningModule that trains a ChatUMM model on packed dialogues.
+
+The system stores *configs* (plain YAML values), not built modules, and builds the model in an idempotent
+:meth:`configure_model` — so ``load_from_checkpoint`` works and FSDP can shard at build time (ARCHITECTURE.md).
+The loss maths lives in :mod:`chatumm_kit.training.losses`; this file only wires it to Lightning.
+
+Example (YAML):
+
+.. code-block:: yaml
+
+    system:
+      _component_: chatumm_kit.systems.unified.ChatUMMSystem
+      model: {preset: chatumm_tiny, tokenizer: data/shapes/tokenizer.json}
+      optimizer: {lr: 3.0e-4, weight_decay: 0.05}
+      schedule: {warmup_steps: 50, kind: cosine, total_steps: ${trainer.max_steps}}
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from chatumm_kit.data.batch import PackedBatch
+from chatumm_kit.model import ChatUMM
+from chatumm_kit.training.losses import objective
+
+__all__ = ["FreezeSpec", "ChatUMMSystem"]
+
+
+@dataclass(frozen=True)
+class FreezeSpec:
+    """Which parts get no gradient: the ViT encoder, the VAE autoencoder (frozen by default), the understanding expert."""
+
+    vit: bool = False
+    vae: bool = True
+    understanding: bool = False
+
+
+class ChatUMMSystem(L.LightningModule):
+    """Trains :class:`~chatumm_kit.model.ChatUMM` with CE + flow-matching MSE (SPEC §4).
+
+    Args:
+        model: model spec for :func:`chatumm_kit.presets.build_model` (``preset`` plus its keyword arguments).
+        optimizer: keyword arguments of :func:`chatumm_kit.training.optim.build_optimizer`.
+        schedule: ``kind`` (``constant`` or ``cosine``) plus the keyword arguments of that schedule
+            (:mod:`chatumm_kit.training.schedules`).
+        ce_weight: weight of the text loss.
+        mse_weight: weight of the image loss.
+        freeze: parts to freeze (keys of :class:`FreezeSpec`).
+        init_from: a safetensors file (kit layout) to initialise the model from before training.
+        mask_image_every_n_steps: log a picture of one batch's attention mask every N steps (0: never).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        schedule: dict[str, Any] | None = None,
+        ce_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        freeze: dict[str, bool] | None = None,
+        init_from: str | None = None,
+        mask_image_every_n_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        from chatumm_kit.presets import check_model_spec
+
+        check_model_spec(model)  # fail at construction, naming the bad key, not after data is ready
+        self.freeze = FreezeSpec(**(freeze or {}))
+        self.save_hyperparameters()
+        self.model: ChatUMM | None = None
+        self._last_step_time: float | None = None
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Build the model once (Lightning may call this more than once, e.g. under FSDP)."""
+        if self.model is not None:
+            return
+        from chatumm_kit.presets import build_model
+        from chatumm_kit.training.checkpoints import load_safetensors_into
+
+        model = build_model(self.hparams.model)
+        if self.hparams.init_from:
+            load_safetensors_into(model, self.hparams.init_from)
+        self._apply_freeze(model)
+        self.model = model
+        shard = getattr(self.trainer.strategy, "shard_model", None) if self._trainer is not None else None
+        if callable(shard):  # ModelParallelStrategy from chatumm_kit.training.strategies: FSDP2 per layer
+            shard(self.model)
+
+    def _apply_freeze(self, model: ChatUMM) -> None:
+        if self.freeze.vit:
+            model.vit.requires_grad_(False)
+        model.vae.autoencoder.requires_grad_(not self.freeze.vae)
+        if self.freeze.understanding:
+            for module in model.backbone.understanding_modules(include_shared=True):
+                module.requires_grad_(False)
+
+    def configure_optimizers(self):
+        from chatumm_kit.training.optim import build_optimizer
+        from chatumm_kit.training.schedules import ConstantSchedule, CosineSchedule
+
+        opt = build_optimizer(self.model, **(self.hparams.optimizer or {"lr": 3e-4}))
+        sched = dict(self.hparams.schedule or {})
+        kind = sched.pop("kind", "constant")
+        kinds = {"constant": ConstantSchedule, "cosine": CosineSchedule}
+        if kind not in kinds:
+            raise ValueError(f"schedule.kind: unknown {kind!r} (known: {', '.join(kinds)})")
+        return {"optimizer": opt, "lr_scheduler": kinds[kind](**sched).lightning_config(opt)}
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: PackedBatch, *, stage: str, generator: torch.Generator | None = None):
+        out = self.model(batch, generator=generator)
+        terms = objective(out, ce_weight=self.hparams.ce_weight, mse_weight=self.hparams.mse_weight)
+        on_step = stage == "train"
+        log = dict(on_step=on_step, on_epoch=not on_step, sync_dist=True, reduce_fx="sum", batch_size=1)
+        self.log(f"{stage}/ce", terms.ce, prog_bar=True, **log)
+        self.log(f"{stage}/mse", terms.mse, prog_bar=True, **log)
+        self.log(f"{stage}/loss", terms.ce * self.hparams.ce_weight + terms.mse * self.hparams.mse_weight, **log)
+        return terms
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        terms = self._shared_step(batch, stage="train")
+        self.log("train/packing_efficiency", batch.packing_efficiency, on_step=True, batch_size=1)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("train/tokens_per_s", batch.num_real_tokens / (now - self._last_step_time), prog_bar=True, batch_size=1)
+        self._last_step_time = now
+        every = self.hparams.mask_image_every_n_steps
+        if every and self.global_step % every == 0:
+            self._log_mask_image(batch)
+        return terms.total
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
+        # Fixed noise per validation batch so validation loss is comparable across evaluations.
+        gen = torch.Generator().manual_seed(1000 + batch_idx)
+        self._shared_step(batch, stage="val", generator=gen)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        from lightning.pytorch.utilities import grad_norm
+
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, batch_size=1)
+
+    def _log_mask_image(self, batch: PackedBatch) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image") or self.global_rank != 0:
+            return
+        image = self.model.mask_builder.mask_image(batch.splits)
+        experiment.add_image("train/attention_mask", image, self.global_step)

@@ -1,0 +1,74 @@
+"""``prepare`` steps of training recipes: make what a run needs when it is missing, reuse it otherwise.
+
+Each step is a callable built by the recipe engine (``prepare: [{_component_: ..., ...}]``); building it does the
+work. Steps are idempotent, so the main job on a fresh checkout synthesises its data and fits its VAE, and the
+second run reuses both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["ensure_trained", "ensure_synthesised", "ensure_tokenizer", "dialogue_texts"]
+
+
+def ensure_trained(*, recipe: str, artifact: str, overrides: list[str] | None = None) -> Path:
+    """Run ``chatumm train RECIPE OVERRIDES`` unless ``artifact`` exists; return the artifact path."""
+    from chatumm_kit.config import load_recipe, validate_recipe
+    from chatumm_kit.training.run import run_training
+
+    path = Path(artifact)
+    if path.exists():
+        print(f"prepare: reusing {path}")
+        return path
+    print(f"prepare: {path} is missing, running recipe {recipe}")
+    cfg = load_recipe(recipe, overrides or [])
+    validate_recipe(cfg)
+    run_training(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"prepare: recipe {recipe} finished but did not produce {path}")
+    return path
+
+
+def ensure_synthesised(*, recipe: str, artifact: str, overrides: list[str] | None = None) -> Path:
+    """Run ``chatumm synth RECIPE OVERRIDES`` unless ``artifact`` (e.g. the shard ``index.json``) exists."""
+    from chatumm_kit.config import load_recipe, validate_recipe
+    from chatumm_kit.synth.pipeline import run_synth
+
+    path = Path(artifact)
+    if path.exists():
+        print(f"prepare: reusing {path}")
+        return path
+    print(f"prepare: {path} is missing, running recipe {recipe}")
+    cfg = load_recipe(recipe, overrides or [])
+    validate_recipe(cfg)
+    run_synth(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"prepare: recipe {recipe} finished but did not produce {path}")
+    return path
+
+
+def dialogue_texts(shards: str | list[str]):
+    """Every text segment of every dialogue in ``shards`` (anything ``resolve_shards`` accepts)."""
+    from chatumm_kit.data.dialogue import TextSegment
+    from chatumm_kit.data.shards import read_samples
+
+    for sample in read_samples(shards):
+        for turn in sample.dialogue.turns:
+            for seg in turn.segments:
+                if isinstance(seg, TextSegment):
+                    yield seg.text
+
+
+def ensure_tokenizer(*, shards: str | list[str], output: str, vocab_size: int = 1024) -> Path:
+    """Train a byte-level BPE on the dialogue text of ``shards`` unless ``output`` (a folder) already holds one."""
+    from chatumm_kit.components.tokenizer import ChatTokenizer
+
+    path = Path(output)
+    if (path / "tokenizer.json").exists():
+        print(f"prepare: reusing tokenizer {path}")
+        return path
+    tokenizer = ChatTokenizer.train(dialogue_texts(shards), vocab_size=vocab_size)
+    tokenizer.save(path)
+    print(f"prepare: trained a {tokenizer.vocab_size}-token tokenizer on {shards} → {path}")
+    return path
