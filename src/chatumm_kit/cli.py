@@ -44,8 +44,8 @@ def _allowed(args: argparse.Namespace) -> frozenset[str]:
     return DEFAULT_ALLOWED_ROOTS | frozenset(args.allow_root or ())
 
 
-def _load_checked(args: argparse.Namespace):
-    cfg = load_recipe(args.recipe, args.overrides)
+def _load_checked(args: argparse.Namespace, defaults: dict | None = None):
+    cfg = load_recipe(args.recipe, args.overrides, defaults=defaults)
     validate_recipe(cfg, allowed_roots=_allowed(args))
     return cfg
 
@@ -71,11 +71,25 @@ def _run_ls(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    cfg = _load_checked(args)
+    cfg = _load_checked(args, defaults={"resume_from": None})
     from chatumm_kit.training.run import run_training  # heavy imports only when training
 
     run_training(cfg, allowed_roots=_allowed(args))
     return 0
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    cfg = _load_checked(args)
+    from chatumm_kit.synth.pipeline import run_synth
+
+    run_synth(cfg, allowed_roots=_allowed(args))
+    return 0
+
+
+def _convert_cli():
+    from chatumm_kit.convert import cli
+
+    return cli
 
 
 COMMANDS: dict[str, Command] = {
@@ -83,7 +97,13 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("check a recipe without building anything", _recipe_args, _run_validate),
     "print": Command("print a recipe with overrides applied and interpolations resolved", _recipe_args, _run_print),
     "ls": Command("list the recipes shipped with the kit", lambda p: None, _run_ls),
-    # Later issues register synth, chat, eval and convert here.
+    "synth": Command("synthesise conversational dialogues into shards: chatumm synth RECIPE", _recipe_args, _run_synth),
+    "convert": Command(
+        "convert checkpoints: chatumm convert KIND SOURCE OUTPUT (BAGEL, Qwen2, SigLIP, FLUX VAE)",
+        lambda p: _convert_cli().add_arguments(p),
+        lambda a: _convert_cli().run(a),
+    ),
+    # chat and eval register here.
 }
 
 

@@ -161,7 +161,19 @@ def flux_autoencoder_kwargs() -> dict[str, Any]:
     }
 
 
-PRESETS: dict[str, Callable[..., ChatUMM]] = {"chatumm_tiny": chatumm_tiny, "chatumm_bagel_7b": chatumm_bagel_7b}
+def chatumm_bagel(**kwargs: Any) -> ChatUMM:
+    """BAGEL's architecture at any size, from the component keyword arguments a converted ``model.json`` holds
+    (see :func:`chatumm_kit.convert.bagel.bagel_model_spec`)."""
+    from chatumm_kit.convert.bagel import chatumm_bagel as build
+
+    return build(**kwargs)
+
+
+PRESETS: dict[str, Callable[..., ChatUMM]] = {
+    "chatumm_tiny": chatumm_tiny,
+    "chatumm_bagel_7b": chatumm_bagel_7b,
+    "chatumm_bagel": chatumm_bagel,
+}
 
 
 def _split_spec(spec: Mapping[str, Any]) -> tuple[Callable[..., ChatUMM], dict[str, Any]]:
@@ -176,6 +188,8 @@ def check_model_spec(spec: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the key when ``spec`` does not bind to its preset's signature."""
     fn, kwargs = _split_spec(spec)
     params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # a forwarding preset: its target checks the keys when it builds
     for key in kwargs:
         if key not in params:
             raise ValueError(f"model.{key}: unexpected keyword argument {key!r} for preset {spec['preset']!r}")

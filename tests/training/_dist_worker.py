@@ -71,6 +71,7 @@ def trainer(strategy, callbacks, ckpt_dir: Path | None) -> L.Trainer:
         devices=2,
         strategy=strategy,
         max_steps=MAX_STEPS,
+        gradient_clip_val=0.5,  # active (grad norms are ~1): global-norm clipping must agree across DDP and FSDP2
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=ckpt_dir is not None,

@@ -7,10 +7,13 @@ iff all three rules hold:
 2. ``k <= q``, or ``q`` and ``k`` share one ``full``/``noise`` split;
 3. a key inside a ``noise`` split is visible only to queries of that same split.
 
-Since splits are contiguous, rules 2 and 3 collapse to two disjoint cases, which every implementation here uses:
+Since splits are contiguous, rules 2 and 3 collapse to two disjoint cases (plus rule 1 on top):
 
 * *history*: ``k`` lies in an earlier split (``k < start(split(q))``) that is not ``noise``;
 * *intra*: ``k`` lies in ``split(q)`` and (``k <= q`` or the split is bidirectional).
+
+``mask_mod`` and :meth:`MaskBuilder.dense` evaluate this per token pair from four ``[L]`` lookups; the block
+structure of :meth:`MaskBuilder.block_mask` follows from the same two cases as intervals over blocks.
 
 Three forms of the same mask:
 

@@ -42,7 +42,7 @@ class Modality(IntEnum):
     PAD = 4
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning's precision plugins rebuild dataclass batches field by field
 class SplitTable:
     """Splits of one packed sequence, as parallel 1-D ``int64`` tensors of length ``S``.
 

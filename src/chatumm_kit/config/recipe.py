@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,14 @@ def find_recipe(name: str | Path) -> Path:
     raise RecipeError(f"recipe not found: {str(name)!r} (shipped recipes: {shipped})")
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Read a YAML recipe, apply overrides, and check that every interpolation resolves."""
+def load_recipe(
+    path: str | Path, overrides: Sequence[str] = (), *, defaults: Mapping[str, Any] | None = None
+) -> DictConfig:
+    """Read a YAML recipe, apply overrides, and check that every interpolation resolves.
+
+    ``defaults`` are top-level keys a command always understands (``resume_from`` for ``train``): set when the
+    recipe lacks them, so ``key=value`` overrides them without a ``+``.
+    """
     file = find_recipe(path)
     try:
         raw = yaml.safe_load(file.read_text())
@@ -58,6 +64,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{file}: a recipe must be a mapping at the top level, got {type(raw).__name__}")
+    for key, value in (defaults or {}).items():
+        raw.setdefault(key, value)
     cfg = OmegaConf.create(raw)
     apply_overrides(cfg, overrides)
     resolve_recipe(cfg)

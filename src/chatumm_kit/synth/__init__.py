@@ -31,7 +31,6 @@ from chatumm_kit.synth.ops import (
     Operation,
     OpFailed,
     OpOutputError,
-    OpRunner,
     get_op,
     register_op,
 )
@@ -45,6 +44,7 @@ from chatumm_kit.synth.records import (
     TextToImageRecord,
     VQARecord,
 )
+from chatumm_kit.synth.runner import OpRunner, OpStats
 from chatumm_kit.synth.shapes_backend import ShapesRuleBackend
 from chatumm_kit.synth.shapes_phrasing import ShapesPhrasing
 from chatumm_kit.synth.shapes_source import ShapesPool
@@ -90,6 +90,7 @@ __all__ = [
     "OpFailed",
     "OpOutputError",
     "OpRunner",
+    "OpStats",
     "OpenAIChatBackend",
     "Operation",
     "OutputModality",

@@ -10,8 +10,8 @@ Metadata schema (what the evaluation benchmark reads; every class has ``to_dict`
 
 * ``Dialogue.meta`` = :class:`DialogueMeta`: ``index`` and ``seed`` of the candidate, ``stages`` run, ``distractors``
   inserted, ``interleaved`` (final reply is image + text), ``images``: key → :class:`ImageMeta` (``origin`` exchange,
-  ``role`` uploaded/generated, ``record`` id, ``description`` text when known, ``truth`` — the ShapesChat scene as JSON,
-  or None for real data).
+  ``role`` uploaded/generated, ``record`` id, ``description`` text when known, ``truth`` — the ShapesChat scene as
+  JSON, or None for real data).
 * user ``Turn.meta`` = ``{"exchange": i, "tags": TurnTags}``.
 * assistant ``Turn.meta`` = :class:`ExchangeMeta`: ``exchange`` index, ``tags`` (:class:`~.taxonomy.TurnTags`:
   task, input, output, dependency, distance), ``record`` id, ``distractor`` flag, ``refers_to``

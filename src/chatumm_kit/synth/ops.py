@@ -8,9 +8,9 @@ An :class:`Operation` is a prompt template, a strict output parser and a validat
   ``missing_field``, ``wrong_type``, ``unexpected_field``;
 * :meth:`Operation.validate` checks meaning (``invalid``, ``wrong_reference``, ``leaks_answer``, ...).
 
-:class:`OpRunner` runs an operation through a backend with the answer cache: on a bad answer it retries (telling the
-model what was wrong) up to ``max_attempts`` times, then raises :class:`OpFailed` carrying the reason, which the
-pipeline records before dropping the dialogue. LLM output is data: it is parsed, never executed.
+:class:`~.runner.OpRunner` runs an operation through a backend with the answer cache: on a bad answer it retries
+(telling the model what was wrong) up to ``max_attempts`` times, then raises :class:`OpFailed` carrying the reason,
+which the pipeline records before dropping the dialogue. LLM output is data: it is parsed, never executed.
 
 Operations live in a registry (:data:`OPERATIONS`); add your own with :func:`register_op`.
 
@@ -30,14 +30,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import threading
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from chatumm_kit.synth.cache import AnswerCache
 from chatumm_kit.synth.records import ImageRef
 
 __all__ = [
@@ -66,8 +62,6 @@ __all__ = [
     "OPERATIONS",
     "register_op",
     "get_op",
-    "OpRunner",
-    "OpStats",
     "content_words",
 ]
 
@@ -538,132 +532,3 @@ def get_op(name: str, registry: Mapping[str, Operation] | None = None) -> Operat
 
 for _op in (Caption2Query(), Edit2Query(), Vqa2Query(), CaptionRequest(), Query2DepQ(), MakeDistractor(), Image2QA()):
     register_op(_op)
-
-
-# ---------------------------------------------------------------------------------------------------- runner
-
-
-@dataclass
-class OpStats:
-    """Counters of one runner (thread-safe through the runner's lock)."""
-
-    calls: int = 0
-    cache_hits: int = 0
-    retries: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    failed: Counter = field(default_factory=Counter)
-
-
-class OpRunner:
-    """Runs operations through a backend with caching, strict parsing, validation and retries.
-
-    Args:
-        backend: answers the calls (an LLM client or a rule-based backend).
-        cache: stores every raw answer by (op, version, input, model, attempt); ``None`` to disable.
-        ops: extra or replacement operations by name, on top of the global registry.
-        max_attempts: tries per call before :class:`OpFailed`.
-
-    Example:
-        >>> runner = OpRunner(backend=my_backend)  # doctest: +SKIP
-        >>> runner.run("caption2query", Caption2QueryIn(caption="a red circle")).query  # doctest: +SKIP
-        'Could you draw a red circle?'
-    """
-
-    def __init__(
-        self,
-        *,
-        backend: Backend,
-        cache: AnswerCache | None = None,
-        ops: Mapping[str, Operation] | None = None,
-        max_attempts: int = 3,
-    ) -> None:
-        if max_attempts < 1:
-            raise ValueError(f"OpRunner.max_attempts must be >= 1, got {max_attempts}")
-        self.backend = backend
-        self.cache = cache
-        for key, op in (ops or {}).items():
-            if not isinstance(op, Operation) or op.name != key:
-                raise ValueError(f"OpRunner.ops[{key!r}]: expected an Operation named {key!r}, got {op!r}")
-        self.registry = {**OPERATIONS, **(ops or {})}
-        self.max_attempts = max_attempts
-        self.model_id = str(getattr(backend, "model_id", type(backend).__name__))
-        self.stats = OpStats()
-        self._lock = threading.Lock()
-        self._inflight: dict[str, Future] = {}
-
-    def _call(self, op: Operation, inputs: Any, attempt: int, feedback: list[ChatMessage]) -> str:
-        with self._lock:
-            self.stats.calls += 1
-        text = self.backend.answer(op, inputs, attempt=attempt, feedback=tuple(feedback))
-        if not isinstance(text, str):
-            raise BackendError(
-                f"{type(self.backend).__name__} returned {type(text).__name__}, expected str", stop_run=False
-            )
-        return text
-
-    def _raw(self, op: Operation, inputs: Any, attempt: int, feedback: list[ChatMessage]) -> str:
-        if self.cache is None:
-            return self._call(op, inputs, attempt, feedback)
-        key = AnswerCache.key(
-            op=op.name, version=op.version, inputs=op.cache_inputs(inputs), model=self.model_id, attempt=attempt
-        )
-        # Identical calls in flight at once (two dialogues, two threads) share one backend answer: otherwise each
-        # would use its own sample while the cache keeps one, and a replay from the cache would differ.
-        with self._lock:
-            pending = self._inflight.get(key)
-            owner = pending is None
-            if owner:
-                pending = self._inflight[key] = Future()
-        if not owner:
-            text = pending.result()
-            with self._lock:
-                self.stats.cache_hits += 1
-            return text
-        try:
-            text = self.cache.get(key)
-            if text is not None:
-                with self._lock:
-                    self.stats.cache_hits += 1
-            else:
-                text = self._call(op, inputs, attempt, feedback)
-                self.cache.put(key, text, op=op.name, model=self.model_id)
-            pending.set_result(text)
-            return text
-        except BaseException as e:
-            pending.set_exception(e)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(key, None)
-
-    def run(self, name: str, inputs: Any) -> Any:
-        """The validated output of operation ``name`` on ``inputs``, or :class:`OpFailed`."""
-        op = get_op(name, self.registry)
-        if op.input_type is not object and not isinstance(inputs, op.input_type):
-            raise TypeError(f"{name}: expected {op.input_type.__name__}, got {type(inputs).__name__}")
-        errors: list[str] = []
-        feedback: list[ChatMessage] = []
-        text = ""
-        code = "invalid"
-        for attempt in range(self.max_attempts):
-            if attempt:
-                with self._lock:
-                    self.stats.retries += 1
-            text = self._raw(op, inputs, attempt, feedback)
-            try:
-                return op(text, inputs)
-            except OpOutputError as e:
-                code = e.code
-                errors.append(str(e))
-                with self._lock:
-                    self.stats.rejected[f"{name}:{e.code}"] += 1
-                feedback += [
-                    ChatMessage("assistant", (text,)),
-                    ChatMessage(
-                        "user",
-                        (f"That reply was rejected ({e}). Answer again with only the JSON object {op.schema()}.",),
-                    ),
-                ]
-        with self._lock:
-            self.stats.failed[f"{name}:{code}"] += 1
-        raise OpFailed(name, errors, code=code, last_answer=text)

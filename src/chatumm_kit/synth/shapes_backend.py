@@ -13,7 +13,8 @@ refusal, which the operation records and the pipeline turns into a dropped dialo
 Add rules for your own operations with :meth:`ShapesRuleBackend.register_rule`.
 
 Example:
-    >>> from chatumm_kit.synth.ops import Caption2QueryIn, OpRunner
+    >>> from chatumm_kit.synth.ops import Caption2QueryIn
+    >>> from chatumm_kit.synth.runner import OpRunner
     >>> runner = OpRunner(backend=ShapesRuleBackend())
     >>> runner.run("caption2query", Caption2QueryIn(caption="A small red circle in the top left.")).query.endswith(
     ...     ("top left.", "top left?"))

@@ -8,8 +8,8 @@ field to where it lives in a row, so any dataset layout works without code:
   member (``"json.caption"``).
 
 Images stay lazy: a JSONL image is read from its file when needed; a tar member is re-read by offset. Image keys
-link records: JSONL images are keyed by their path, tar images by a digest of their bytes, so a caption record and a
-VQA record over the same picture, or an edit whose source is another edit's target, find each other.
+link records: JSONL images are keyed by their resolved path, tar images by a digest of their bytes, so a caption
+record and a VQA record over the same picture, or an edit whose source is another edit's target, find each other.
 
 A :class:`RecordPool` answers the two questions the chaining stage asks (SPEC §6 stage 1): "give me a fresh record of
 kind X" and "give me a record of kind X that acts on this image". :class:`DatasetPool` answers them from records held
@@ -140,8 +140,8 @@ class JsonlSource:
         return len(self.skip_reasons)
 
     def _image(self, rel: str) -> ImageRef:
-        file = self.image_root / rel
-        return ImageRef.lazy(f"file:{Path(rel).as_posix()}", file.read_bytes)
+        file = (self.image_root / rel).resolve()  # absolute: equal relative paths under other roots do not link
+        return ImageRef.lazy(f"file:{file.as_posix()}", file.read_bytes)
 
     def __iter__(self) -> Iterator[Record]:
         self.skip_reasons = []

@@ -36,7 +36,6 @@ from chatumm_kit.synth.ops import (
     Edit2QueryIn,
     Image2QAIn,
     MakeDistractorIn,
-    OpRunner,
     Query2DepQIn,
     Vqa2QueryIn,
 )
@@ -48,6 +47,7 @@ from chatumm_kit.synth.records import (
     TextToImageRecord,
     VQARecord,
 )
+from chatumm_kit.synth.runner import OpRunner
 from chatumm_kit.synth.sources import RecordPool
 from chatumm_kit.synth.taxonomy import Steering, Task, TaxonomyTargets
 

@@ -53,6 +53,7 @@ class ChatUMMSystem(L.LightningModule):
         freeze: parts to freeze (keys of :class:`FreezeSpec`).
         init_from: a safetensors file (kit layout) to initialise the model from before training.
         mask_image_every_n_steps: log a picture of one batch's attention mask every N steps (0: never).
+        seed: seed of the flow-matching noise; each step's draw depends only on (seed, step, rank).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class ChatUMMSystem(L.LightningModule):
         freeze: dict[str, bool] | None = None,
         init_from: str | None = None,
         mask_image_every_n_steps: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         from chatumm_kit.presets import check_model_spec
@@ -124,12 +126,19 @@ class ChatUMMSystem(L.LightningModule):
         self.log(f"{stage}/loss", terms.ce * self.hparams.ce_weight + terms.mse * self.hparams.mse_weight, **log)
         return terms
 
+    def _step_generator(self, offset: int) -> torch.Generator:
+        # Noise draws depend only on (seed, step, rank), so a resumed run continues exactly as if uninterrupted.
+        seed = (self.hparams.seed * 1_000_003 + offset * 10_007 + self.global_rank) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
-        terms = self._shared_step(batch, stage="train")
+        terms = self._shared_step(batch, stage="train", generator=self._step_generator(self.global_step))
         self.log("train/packing_efficiency", batch.packing_efficiency, on_step=True, batch_size=1)
         now = time.perf_counter()
         if self._last_step_time is not None:
-            self.log("train/tokens_per_s", batch.num_real_tokens / (now - self._last_step_time), prog_bar=True, batch_size=1)
+            self.log(
+                "train/tokens_per_s", batch.num_real_tokens / (now - self._last_step_time), prog_bar=True, batch_size=1
+            )
         self._last_step_time = now
         every = self.hparams.mask_image_every_n_steps
         if every and self.global_step % every == 0:
@@ -138,8 +147,7 @@ class ChatUMMSystem(L.LightningModule):
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         # Fixed noise per validation batch so validation loss is comparable across evaluations.
-        gen = torch.Generator().manual_seed(1000 + batch_idx)
-        self._shared_step(batch, stage="val", generator=gen)
+        self._shared_step(batch, stage="val", generator=self._step_generator(-1 - batch_idx))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         from lightning.pytorch.utilities import grad_norm

@@ -186,7 +186,8 @@ class EMACallback(L.Callback):
     update, not per step). Gradient accumulation is handled: updates follow optimizer steps, not batches.
 
     Works with DDP, one device, and ``ModelParallelStrategy``/FSDP2 (sharded checkpoint folders included); refuses
-    Lightning's FSDP1 ``FSDPStrategy`` (flat-parameter shards do not round-trip through the callback state).
+    Lightning's FSDP1 ``FSDPStrategy`` (flat-parameter shards do not round-trip through the callback state). One
+    per Trainer (Lightning refuses two callbacks with the same state key).
 
     Args:
         decay: EMA decay per update, in ``[0, 1]``.

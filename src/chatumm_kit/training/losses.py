@@ -48,5 +48,9 @@ def objective(out: ChatUMMOutput, *, ce_weight: float = 1.0, mse_weight: float =
     ce = out.ce_sum * (world / max(ce_total, 1))
     mse = out.mse_sum * (world / max(mse_total, 1))
     return LossTerms(
-        total=ce_weight * ce + mse_weight * mse, ce=ce / world, mse=mse / world, ce_tokens=ce_total, mse_tokens=mse_total
+        total=ce_weight * ce + mse_weight * mse,
+        ce=ce / world,
+        mse=mse / world,
+        ce_tokens=ce_total,
+        mse_tokens=mse_total,
     )

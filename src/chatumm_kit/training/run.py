@@ -59,9 +59,12 @@ def resolve_resume(value: Any, checkpoint_dir: Path) -> str | None:
         found = (
             sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoint_dir.is_dir() else []
         )
+        last = checkpoint_dir / "last.ckpt"
+        if last.exists():  # Lightning's save_last link/copy is the newest by definition
+            return str(last)
         return str(found[-1]) if found else None
     path = Path(str(value))
-    if not path.is_file():
+    if not (path.is_file() or (path / "meta.pt").is_file()):  # a file, or a sharded (FSDP2) checkpoint folder
         raise RecipeError(f"resume_from: checkpoint {str(path)!r} does not exist")
     return str(path)
 

@@ -14,15 +14,19 @@ How FSDP2 is applied (Lightning's model-parallel design): the LightningModule bu
 direct child of the LightningModule that holds parameters with :func:`apply_fsdp2` — one FSDP unit per element of
 every ``ModuleList`` named in ``unit_names`` (decoder layers, ViT blocks), then the child itself as the root unit —
 unless ``configure_model()`` already sharded (by calling ``trainer.strategy.shard_model(self.model)``,
-:func:`apply_fsdp2` or ``fully_shard`` itself), in which case the strategy leaves the module alone. A root's ``forward`` (or a method listed in ``forward_methods``) must be the
-entry point the system calls, because FSDP2 gathers the root's own parameters (embeddings, final norm) in its
-forward hooks.
+:func:`apply_fsdp2` or ``fully_shard`` itself), in which case the strategy leaves the module alone. A root's
+``forward`` (or a method listed in ``forward_methods``) must be the entry point the system calls, because FSDP2
+gathers the root's own parameters (embeddings, final norm) in its forward hooks.
 
 On CPU (found on torch 2.14 / Lightning 2.6.6): the stock ``ModelParallelStrategy`` already accepts
-``accelerator="cpu"`` and the gloo backend, and ``fully_shard`` trains on CPU. The one thing needed is the mesh
-shape: Lightning's ``data_parallel_size="auto"`` means "number of nodes" and ``tensor_parallel_size="auto"`` means
-"devices per node", i.e. pure tensor parallelism on one machine. :class:`FSDP2Strategy` fixes tensor parallelism to
-1 and resolves the data-parallel size to the world size.
+``accelerator="cpu"`` and the gloo backend, and ``fully_shard`` trains on CPU (2 processes reproduce the DDP run
+bit for bit in the tests). The one thing needed is the mesh shape: Lightning's ``data_parallel_size="auto"`` means
+"number of nodes" and ``tensor_parallel_size="auto"`` means "devices per node", i.e. pure tensor parallelism on one
+machine. :class:`FSDP2Strategy` fixes tensor parallelism to 1 and resolves the data-parallel size to the world size.
+
+Resuming: a run resumes under the strategy that wrote its checkpoint. Lightning maps a DDP file's optimizer state
+onto FSDP2 by parameter order, which the two weight-decay groups of :func:`chatumm_kit.training.optim.param_groups`
+reorder, so a DDP → FSDP2 resume fails (or, were shapes equal, would mix moments up).
 
 Precision: with ``mixed_precision="bf16"`` FSDP2 casts parameters to bf16 for compute and reduces gradients in
 float32 while the sharded master weights and optimizer state stay float32; keep the Trainer at ``precision="32-true"``
@@ -170,7 +174,7 @@ def apply_fsdp2(
 
     Example:
         >>> apply_fsdp2(model, device_mesh=mesh, mixed_precision=None)  # doctest: +SKIP
-        ['layers.1', 'layers.0', '']
+        ['layers.0', 'layers.1', '']
     """
     from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method

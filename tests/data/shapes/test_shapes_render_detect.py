@@ -28,8 +28,7 @@ def one(shape="square", colour="red", size="large", cell=0):
 
 def all_single_objects(cfg):
     return [
-        one(s, c, z, k)
-        for s, c, z, k in itertools.product(cfg.shapes, cfg.palette, cfg.sizes, range(cfg.num_cells))
+        one(s, c, z, k) for s, c, z, k in itertools.product(cfg.shapes, cfg.palette, cfg.sizes, range(cfg.num_cells))
     ]
 
 
@@ -89,10 +88,10 @@ def test_render_matches_slow_reference_and_is_deterministic():
 
 def test_clean_renders_hold_only_background_and_palette_colours():
     imgs = render_batch(SceneGenerator(config=CFG, seed=2).take(200), CFG)
-    pixels = {tuple(p) for p in imgs.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
+    pixels = {tuple(p) for p in imgs.permute(0, 2, 3, 1).reshape(-1, 3).unique(dim=0).tolist()}
     assert pixels == {CFG.background, *CFG.palette.values()}
     aa = render_batch(SceneGenerator(config=CFG, seed=2).take(50), CFG, antialias=True)
-    aa_pixels = {tuple(p) for p in aa.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
+    aa_pixels = {tuple(p) for p in aa.permute(0, 2, 3, 1).reshape(-1, 3).unique(dim=0).tolist()}
     assert len(aa_pixels) > len(pixels)  # blended edges
 
 
@@ -117,10 +116,10 @@ def test_thousands_of_random_scenes_round_trip_exactly():
 
 def test_round_trip_at_other_sizes_grids_and_crowded_scenes():
     cfg = WorldConfig(image_size=64)
-    scenes = SceneGenerator(config=cfg, seed=5).take(600)
+    scenes = SceneGenerator(config=cfg, seed=5).take(300)
     assert detect_batch(render_batch(scenes, cfg), cfg) == scenes
     crowded = WorldConfig(grid=4, image_size=48, min_objects=5, max_objects=16)
-    scenes = SceneGenerator(config=crowded, seed=6).take(300)
+    scenes = SceneGenerator(config=crowded, seed=6).take(200)
     assert detect_batch(render_batch(scenes, crowded), crowded) == scenes
 
 
@@ -129,12 +128,12 @@ def noisy(imgs, std, seed):
     return (imgs.float() / 255 + std * torch.randn(imgs.shape, generator=g)).clamp(0, 1)
 
 
-def blurred(imgs, sigma):
-    k = torch.arange(5, dtype=torch.float32) - 2
+def blurred(imgs, sigma, taps=5):
+    k = torch.arange(taps, dtype=torch.float32) - taps // 2
     k = torch.exp(-(k**2) / (2 * sigma**2))
     k = k / k.sum()
-    kernel = (k[:, None] * k[None, :]).expand(3, 1, 5, 5)
-    x = F.pad(imgs.float() / 255, (2, 2, 2, 2), mode="replicate")
+    kernel = (k[:, None] * k[None, :]).expand(3, 1, taps, taps)
+    x = F.pad(imgs.float() / 255, (taps // 2,) * 4, mode="replicate")
     return F.conv2d(x, kernel, groups=3)
 
 
@@ -182,10 +181,11 @@ def test_objects_shifted_by_one_pixel_are_still_read(probe):
 
 def test_degrades_gracefully_with_partial_credit(probe):
     scenes, imgs = probe
-    pred = detect_batch(blurred(imgs, 1.2), CFG)  # heavy blur: small shapes become blobs
+    pred = detect_batch(blurred(imgs, 1.2, taps=7), CFG)  # heavy blur: small shapes become blobs
     mean = AttributeScore.mean([score(p, t) for p, t in zip(pred, scenes)])
-    assert mean.exact < 0.95  # really degraded ...
-    assert mean.accuracy > 0.9 and mean.colour > 0.95 and mean.position > 0.95  # ... but mostly right
+    assert mean.exact < 0.9 and 0.5 < mean.shape < 0.95  # really degraded, in shape ...
+    assert mean.count == 1.0 and min(mean.colour, mean.size, mean.position) >= 0.99  # ... but not elsewhere
+    assert mean.accuracy > 0.9
 
 
 def test_blank_and_garbage_images():
@@ -200,10 +200,10 @@ def test_blank_and_garbage_images():
         "accuracy": 0.0,
         "exact": 0.0,
     }
-    # a solid red image: no stamp explains a full cell better than half → no objects, no crash
+    # a solid red image: every cell is best explained by the stamp that fills most of it
     solid = render(one(), CFG).clone()
     solid[:] = torch.tensor(CFG.palette["red"], dtype=torch.uint8).view(3, 1, 1)
-    assert len(detect(solid, CFG)) == 0
+    assert detect(solid, CFG) == Scene(objects=tuple(one("square", "red", "large", c).objects[0] for c in range(9)))
 
 
 def test_input_errors_are_explicit():

@@ -7,10 +7,9 @@ The detector mirrors the renderer cell by cell (objects never leave their cell, 
    fraction of its best colour is at least ``_FOREGROUND``. A clean render's pixels are exactly 0 or 1;
 2. the cell's foreground mask is compared in Hamming distance with every (shape, size) stamp, also shifted by up to
    ``max_shift`` pixels so a slightly off-centre generated object still matches; the nearest wins, and the cell
-   holds an object only when that distance is under ``_PRESENCE`` times the distance to the empty cell (so scattered
-   noise pixels, or a sliver spilled over from an off-centre neighbour, read as empty). Unshifted stamps come first
-   and ties go to the first, so a clean render — whose mask *is* its stamp, distance 0, while no other stamp equals
-   it (checked by :class:`WorldConfig`) — is read back exactly;
+   holds an object only when that stamp is nearer than the empty cell is (so scattered noise pixels read as empty).
+   Unshifted stamps come first and ties go to the first, so a clean render — whose mask *is* its stamp, distance 0,
+   while no other stamp equals it (checked by :class:`WorldConfig`) — is read back exactly;
 3. the colour is the palette colour with the least blend cost summed over the foreground pixels inside the matched
    stamp (summing averages noise away; pixels spilled in from a neighbour are left out).
 
@@ -36,7 +35,6 @@ from .scene import Scene, ShapeObject, WorldConfig
 __all__ = ["detect", "detect_batch", "to_float_image"]
 
 _CHUNK = 512  # images per vectorised step: bounds the [B * H * W, colours] blend tensors
-_PRESENCE = 0.75  # a cell holds an object when its best stamp distance < _PRESENCE * (distance to the empty cell)
 _FOREGROUND = 0.45  # a pixel is foreground when at least this blend of its best palette colour (see _blend)
 _LAMBDA = 0.1  # prior towards unblended colours in the colour cost (see _blend)
 
@@ -152,9 +150,7 @@ def _detect_chunk(x: Tensor, config: WorldConfig, max_shift: int) -> list[Scene]
     masks, areas, pairs = _templates(config, max_shift)
     hamming = n_fg[:, None] + areas - 2.0 * (fg @ masks.T)  # [B * cells, K * S * Z]
     best_dist, best = hamming.min(-1)
-    # An object needs a stamp that explains its mask much better than "empty cell" (distance n_fg) does, so a
-    # sliver spilled over from a neighbouring off-centre object is not read as a thin shape.
-    present = best_dist < _PRESENCE * n_fg
+    present = best_dist < n_fg  # some stamp explains the mask better than the empty cell (distance n_fg) does
 
     # Colour: blend cost summed over the foreground pixels inside the matched stamp (not over pixels spilled in).
     inside = (fg * masks[best]).unsqueeze(1)  # [B * cells, 1, P]

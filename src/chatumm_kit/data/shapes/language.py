@@ -154,9 +154,14 @@ def describe(scene: Scene, config: WorldConfig | None = None) -> str:
     return clause[0].upper() + clause[1:] + "."
 
 
+def _alternation(names: Iterable[str]) -> str:
+    """Regex alternation of literal names, longest first (so 'top left' wins over 'top')."""
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
 @functools.cache
 def _object_regex(config: WorldConfig) -> re.Pattern[str]:
-    alt = lambda names: "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))  # noqa: E731
+    alt = _alternation
     return re.compile(
         rf"\b(?:a|an|one)\s+(?P<size>{alt(config.sizes)})\s+(?P<colour>{alt(config.palette)})\s+"
         rf"(?P<shape>{alt(config.shapes)})\s+(?:in|at|on)\s+the\s+(?P<pos>{alt(_position_forms(config.grid))})\b",
@@ -298,10 +303,11 @@ def refer_to(
 
 @functools.cache
 def _query_regex(config: WorldConfig) -> re.Pattern[str]:
-    alt = lambda names: "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))  # noqa: E731
+    alt = _alternation
     return re.compile(
         rf"\bthe\s+(?:(?P<size>{alt(config.sizes)})\s+)?(?:(?P<colour>{alt(config.palette)})\s+)?"
-        rf"(?P<shape>{alt(config.shapes)}|object|shape)\b(?:\s+(?:in|at|on)\s+the\s+(?P<pos>{alt(_position_forms(config.grid))})\b)?",
+        rf"(?P<shape>{alt(config.shapes)}|object|shape)\b"
+        rf"(?:\s+(?:in|at|on)\s+the\s+(?P<pos>{alt(_position_forms(config.grid))})\b)?",
         re.IGNORECASE,
     )
 
