@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -169,7 +170,23 @@ def chatumm_bagel(**kwargs: Any) -> ChatUMM:
     return build(**kwargs)
 
 
+def kit_folder(*, path: str, attn_backend: str | None = None, gradient_checkpointing: bool | None = None) -> ChatUMM:
+    """The model saved in a kit folder (``chatumm convert bagel-to-kit BAGEL_DIR KIT_DIR``), weights included.
+
+    ``attn_backend`` / ``gradient_checkpointing`` override the saved settings (e.g. ``sdpa`` on CPU).
+    """
+    from chatumm_kit.convert.bagel import load_kit_folder
+
+    model = load_kit_folder(path).module
+    if attn_backend is not None:
+        model.backbone.config = replace(model.backbone.config, attn_backend=attn_backend)
+    if gradient_checkpointing is not None:
+        model.backbone.config = replace(model.backbone.config, gradient_checkpointing=gradient_checkpointing)
+    return model.train()
+
+
 PRESETS: dict[str, Callable[..., ChatUMM]] = {
+    "kit_folder": kit_folder,
     "chatumm_tiny": chatumm_tiny,
     "chatumm_bagel_7b": chatumm_bagel_7b,
     "chatumm_bagel": chatumm_bagel,

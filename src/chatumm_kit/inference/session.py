@@ -1,0 +1,520 @@
+"""`ChatSession`: multi-turn interleaved chat over a `ChatUMM`, each turn prefilled once into three KV caches.
+
+**The stream.** Turns are laid out exactly as the packer lays out a replayed dialogue (every assistant turn
+``trainable=False``): text → ``im_s`` … ``im_e``; a user image, and an image the assistant generated, → clean VAE view
+then ViT view. Nothing is ever recomputed: a turn's pieces are embedded once and appended to the caches that keep
+them (``inference/context.py``; the bookkeeping of the three contexts is ``inference/guidance.py``). A generated
+image re-enters from its ``uint8`` pixels (what the user sees and what :meth:`ChatSession.save` writes), so a saved
+chat replays to the same caches.
+
+**The three contexts** (SPEC §4 names them for one request; here is what each holds across turns). The *user block*
+is the run of user turns since the last assistant turn (normally one turn).
+
+* **full** — every segment of every turn.
+* **text-unconditional** — ``full`` without the text segments of the current user block: all earlier turns in full
+  (their text and images), the block's images, and every segment of the reply being generated. It is forked from
+  ``full`` (rows copied, not recomputed) at the block's first text segment, and it *is* ``full`` (shared, not
+  stored) while the block has no text. A new user block starts it afresh.
+* **image-unconditional** — ``full`` without any image view: the text of every turn, no clean VAE or ViT view of
+  any image, user or generated. It is shared with ``full`` until the first image arrives and forked then.
+
+Each equals what the packer produces for the dialogue when CFG dropout removes those segments (the tests pack it
+that way): positions follow SPEC §3 for what the context holds, with the training-dropout rule for what it lacks —
+dropped text advances nothing, a dropped image view still advances by 1. So image-unconditional positions equal
+``full``'s, and text-unconditional ones trail ``full`` by the dropped text's length.
+
+**Replies** (SPEC §2: intent is predicted). After the user block, the last token's logits choose between ``im_s``
+(text) and ``v_s`` (image); after each segment's closing marker (``im_e``, or the ``v_e`` of a generated image's ViT
+view) among ``im_s``, ``v_s`` and ``<|end|>``. Text is decoded token by token into ``full`` (other markers are
+banned inside it; at ``max_new_tokens`` an ``im_e`` is appended), then appended to the unconditional contexts in one
+chunk. An image is sampled with the flow sampler: each Euler step runs the noised view (``commit=False``) at each
+context's position, CFG combines the velocities, and the decoded image then enters all contexts that keep images.
+
+**Rollback** restores the state before a turn from a snapshot (cache lengths and positions; caches are truncated).
+Going back into an *older* user block rebuilds that block's text-unconditional context from ``full`` plus the
+block's images (the only rows not recoverable by truncation). Batching several sessions is not implemented.
+
+Example:
+    >>> session = ChatSession(model=model, tokenizer=tok, config=SessionConfig(vit_patch_size=8,
+    ...                       vae_token_stride=8, max_image_side=32, image_size=(32, 32)))   # doctest: +SKIP
+    >>> session.add_user("draw a red circle")                                                  # doctest: +SKIP
+    >>> reply = session.respond(sampler=SamplerConfig(num_steps=20, seed=0))                   # doctest: +SKIP
+    >>> reply.intents, reply.images[0].shape                                                   # doctest: +SKIP
+    (['image', 'end'], torch.Size([3, 32, 32]))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.io import ImageReadMode, read_image, write_png
+
+from chatumm_kit.components.splits import Modality
+from chatumm_kit.components.tokenizer import ChatTokenizer
+from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, Segment, TextSegment, Turn
+from chatumm_kit.data.packing import CFGDropRates, Packer
+from chatumm_kit.data.stream_layout import StreamPiece
+from chatumm_kit.inference.context import CacheContext, StreamRunner, to_uint8
+from chatumm_kit.inference.decoding import choose_token
+from chatumm_kit.inference.guidance import (
+    ContextMark,
+    GuidanceContexts,
+    SessionContexts,
+    keep_image_uncond,
+    keep_text_uncond,
+)
+from chatumm_kit.inference.sampler import SamplerConfig, euler_sample, guided_velocity
+from chatumm_kit.model import ChatUMM
+
+__all__ = ["AssistantReply", "ChatSession", "SessionConfig", "SessionContexts"]
+
+SESSION_FILE = "session.json"
+_FORMAT = "chatumm_session/v1"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Stream settings of a chat; they must match the packer the model was trained with.
+
+    Attributes:
+        vit_patch_size: ViT patch side (the model's ViT patch size).
+        vae_token_stride: pixels per VAE token side (VAE downsample × latent patch).
+        max_image_side: cap on both sides of an image view.
+        image_size: ``(H, W)`` of generated images (rounded to the VAE view grid like any image).
+        vit_mean, vit_std: ViT pixel normalisation.
+        dialogue_id: id of the session's dialogue.
+
+    Example:
+        >>> SessionConfig(vit_patch_size=8, vae_token_stride=8, max_image_side=32, image_size=(32, 32)).image_size
+        (32, 32)
+    """
+
+    vit_patch_size: int = 14
+    vae_token_stride: int = 16
+    max_image_side: int = 980
+    image_size: tuple[int, int] = (512, 512)
+    vit_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    vit_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    dialogue_id: str = "chat"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionConfig:
+        """From :func:`dataclasses.asdict` output (JSON lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass
+class AssistantReply:
+    """What :meth:`ChatSession.respond` produced.
+
+    Attributes:
+        turn_index: index of the assistant turn in the dialogue.
+        segments: the reply's segments (images by key, see ``ChatSession.images``).
+        images: generated images, ``uint8 [3, H, W]``, in order.
+        image_keys: their keys.
+        intents: predicted opening markers in order: ``"text"``, ``"image"``, and ``"end"`` if the model ended
+            the turn.
+        finished: True if the model predicted ``<|end|>``; False if ``max_segments`` stopped it.
+    """
+
+    turn_index: int
+    segments: list[Segment]
+    images: list[torch.Tensor] = field(default_factory=list)
+    image_keys: list[str] = field(default_factory=list)
+    intents: list[str] = field(default_factory=list)
+    finished: bool = True
+
+    @property
+    def text(self) -> str:
+        """The reply's text segments joined with a space."""
+        return " ".join(s.text for s in self.segments if isinstance(s, TextSegment))
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """State before a turn: the contexts and the full context's last output."""
+
+    contexts: ContextMark
+    last_hidden: torch.Tensor | None
+
+
+class ChatSession:
+    """A multi-turn chat with a :class:`ChatUMM` (see the module docstring for the stream and the contexts).
+
+    Args:
+        model: the model; it is put in eval mode.
+        tokenizer: the chat tokenizer the model was trained with.
+        config: stream settings (:class:`SessionConfig`).
+
+    Attributes:
+        dialogue: the conversation so far (every turn ``trainable=False``; assistant turns carry
+            ``meta={"intents", "finished"}``).
+        images: key → ``uint8 [3, H, W]`` of every image in the dialogue (user and generated).
+        packer: the :class:`Packer` whose layout the caches follow (``pack([session.dialogue_sample()])`` gives the
+            same full-context stream).
+        runner: the :class:`StreamRunner` (embeds pieces, runs chunks and noised views).
+
+    Raises:
+        ValueError: settings that do not fit the model (ViT patch or VAE stride).
+
+    Example:
+        >>> session = ChatSession(model=model, tokenizer=tok, config=config)       # doctest: +SKIP
+        >>> session.add_user("what colour is it", images=[img])                    # doctest: +SKIP
+        >>> session.respond(max_new_tokens=16).text                                # doctest: +SKIP
+        'it is red'
+        >>> session.rollback(1); session.save("chat1")                             # doctest: +SKIP
+    """
+
+    def __init__(self, *, model: ChatUMM, tokenizer: ChatTokenizer, config: SessionConfig = SessionConfig()) -> None:
+        vae = model.vae
+        if config.vit_patch_size != model.vit.patch_size:
+            raise ValueError(
+                f"SessionConfig.vit_patch_size={config.vit_patch_size} but the model's ViT patch is "
+                f"{model.vit.patch_size}"
+            )
+        if config.vae_token_stride != vae.downsample * vae.latent_patch:
+            raise ValueError(
+                f"SessionConfig.vae_token_stride={config.vae_token_stride} but the model's VAE token covers "
+                f"{vae.downsample * vae.latent_patch} pixels (downsample {vae.downsample} × latent patch "
+                f"{vae.latent_patch})"
+            )
+        if tokenizer.vocab_size > model.backbone.config.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's {model.backbone.config.vocab_size}"
+            )
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.packer = Packer(
+            tokenizer=tokenizer,
+            vit_patch_size=config.vit_patch_size,
+            vae_token_stride=config.vae_token_stride,
+            max_image_side=config.max_image_side,
+            vit_mean=config.vit_mean,
+            vit_std=config.vit_std,
+            drop_rates=CFGDropRates.disabled(),
+        )
+        self.runner = StreamRunner(model=model, packer=self.packer)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the whole conversation."""
+        self.dialogue = Dialogue(id=self.config.dialogue_id, turns=[])
+        self.images: dict[str, torch.Tensor] = {}
+        self._text_ids: list[list[list[int] | None]] = []
+        self._marks: list[_Mark] = []
+        self._contexts = GuidanceContexts(runner=self.runner)
+        self._last_hidden: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def num_turns(self) -> int:
+        return len(self.dialogue.turns)
+
+    @property
+    def position(self) -> int:
+        """RoPE position of the next token of the full context."""
+        return self._contexts.full.position
+
+    @property
+    def contexts(self) -> SessionContexts:
+        """The three contexts (a shared unconditional one is the ``full`` object itself)."""
+        return self._contexts.view
+
+    @torch.no_grad()
+    def next_token_logits(self) -> torch.Tensor:
+        """``[V]`` float logits of the full context's last token (what the model predicts next)."""
+        if self._last_hidden is None:
+            raise RuntimeError("ChatSession.next_token_logits: the conversation is empty")
+        return self.model.backbone.lm_head(self._last_hidden).float()
+
+    def dialogue_sample(self) -> DialogueSample:
+        """The conversation as a :class:`DialogueSample` (what the packer would lay out)."""
+        d = (
+            Dialogue.from_dict(self.dialogue.to_dict())
+            if self.dialogue.turns
+            else Dialogue(id=self.dialogue.id, turns=[])
+        )
+        return DialogueSample(dialogue=d, images=dict(self.images), key=self.dialogue.id)
+
+    # ------------------------------------------------------------------ adding turns
+    def add_user(self, text: str | None = None, images: Sequence[torch.Tensor] = ()) -> int:
+        """Append a user turn: its images (``uint8 [3, H, W]``) first, then its text (the training layout).
+
+        Returns the turn's index.
+        """
+        return self.add_turn(Role.USER, [*images, *([text] if text is not None else [])])
+
+    def add_assistant(self, text: str | None = None, images: Sequence[torch.Tensor] = ()) -> int:
+        """Append a known assistant turn (history replay): its images first, then its text. Returns its index."""
+        return self.add_turn(Role.ASSISTANT, [*images, *([text] if text is not None else [])])
+
+    @torch.no_grad()
+    def add_turn(self, role: Role | str, parts: Sequence[str | torch.Tensor]) -> int:
+        """Append a turn whose segments are ``parts`` in order (``str`` → text, tensor → ``uint8`` image)."""
+        role = Role(role)
+        if not parts:
+            raise ValueError(f"add_turn: a {role.value} turn needs at least one text or image")
+        segments: list[Segment] = []
+        new_images: dict[str, torch.Tensor] = {}
+        for j, part in enumerate(parts):
+            if isinstance(part, str):
+                if not part:
+                    raise ValueError(f"add_turn: {role.value} part {j} is an empty string")
+                segments.append(TextSegment(text=part))
+            elif isinstance(part, torch.Tensor):
+                key = self._new_image_key(taken=new_images)
+                new_images[key] = part.detach().cpu()
+                segments.append(ImageSegment(image=key))
+            else:
+                raise TypeError(f"add_turn: {role.value} part {j} must be str or a uint8 tensor, got {type(part)}")
+        return self._append_turn(Turn(role=role, segments=segments, trainable=False), new_images, None)
+
+    def _append_turn(
+        self, turn: Turn, new_images: dict[str, torch.Tensor], text_ids: Sequence[Sequence[int] | None] | None
+    ) -> int:
+        k = self.num_turns
+        if k == 0 and turn.role is not Role.USER:
+            raise ValueError("ChatSession: a conversation must start with a user turn")
+        self._marks.append(self._snapshot())
+        try:
+            self.images.update(new_images)
+            pieces = self.runner.turn_pieces(turn, self.images, text_ids)
+            chunk = self.runner.embed(pieces, self.images)
+            if turn.role is Role.USER and (k == 0 or self.dialogue.turns[-1].role is Role.ASSISTANT):
+                self._contexts.start_user_block(k)  # a new user block (see module docstring)
+            keeps = keep_text_uncond(pieces, turn.role), keep_image_uncond(pieces)
+            self._last_hidden = self._contexts.extend(chunk, *keeps)
+            self.dialogue.turns.append(turn)
+            self._text_ids.append(_segment_ids(turn, pieces))
+        except BaseException:
+            self._restore(k)
+            raise
+        return k
+
+    # ------------------------------------------------------------------ responding
+    @torch.no_grad()
+    def respond(
+        self,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        sampler: SamplerConfig | None = None,
+        max_segments: int = 4,
+    ) -> AssistantReply:
+        """Generate the assistant turn after the current user block; the model picks each segment's modality.
+
+        Args:
+            max_new_tokens: cap per text segment (then ``im_e`` is appended).
+            temperature, top_p: text and intent decoding (0 = greedy).
+            sampler: image sampling settings (default ``SamplerConfig()``); ``sampler.seed`` seeds all draws of
+                this reply.
+            max_segments: stop after this many segments even if the model does not predict ``<|end|>``.
+        """
+        k = self.num_turns
+        if k == 0 or self.dialogue.turns[-1].role is not Role.USER:
+            raise RuntimeError("ChatSession.respond: the last turn must be a user turn (add_user first)")
+        if max_segments < 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"respond: max_segments ({max_segments}) and max_new_tokens ({max_new_tokens}) must be >= 1"
+            )
+        sampler = sampler if sampler is not None else SamplerConfig()
+        generator = torch.Generator()
+        if sampler.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampler.seed)
+        self._marks.append(self._snapshot())
+        try:
+            return self._respond(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator)
+        except BaseException:
+            self._restore(k)
+            raise
+
+    def _respond(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator) -> AssistantReply:
+        tok = self.tokenizer
+        reply = AssistantReply(turn_index=k, segments=[], finished=False)
+        ids_per_segment: list[list[int] | None] = []
+        hidden = self._last_hidden
+        allowed = [tok.im_start_id, tok.vision_start_id]  # the first segment must open something (SPEC §2)
+        while len(reply.segments) < max_segments:
+            logits = self.model.backbone.lm_head(hidden)
+            choice = choose_token(logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator)
+            if choice == tok.end_id:
+                reply.intents.append("end")
+                reply.finished = True
+                break
+            if choice == tok.im_start_id:
+                reply.intents.append("text")
+                first = not any(isinstance(s, TextSegment) for s in reply.segments)
+                ids, hidden = self._generate_text(max_new_tokens, temperature, top_p, generator)
+                reply.segments.append(TextSegment(text=self._visible_text(ids, first=first)))
+                ids_per_segment.append(ids)
+            else:
+                reply.intents.append("image")
+                key, image, hidden = self._generate_image(sampler, generator, segment=len(reply.segments))
+                reply.segments.append(ImageSegment(image=key))
+                reply.images.append(image)
+                reply.image_keys.append(key)
+                ids_per_segment.append(None)
+            allowed = [tok.im_start_id, tok.vision_start_id, tok.end_id]
+        meta = {"intents": list(reply.intents), "finished": reply.finished}
+        self.dialogue.turns.append(Turn(role=Role.ASSISTANT, segments=list(reply.segments), trainable=False, meta=meta))
+        self._text_ids.append(ids_per_segment)
+        self._last_hidden = hidden
+        return reply
+
+    def _generate_text(self, max_new_tokens, temperature, top_p, generator) -> tuple[list[int], torch.Tensor]:
+        """Decode one text segment into ``full``; append it to the unconditional contexts. Returns ids, last output."""
+        tok, run, full = self.tokenizer, self.runner, self._contexts.full
+        markers = [tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.end_id, tok.pad_id]
+        hidden = run.step(full, tok.im_start_id)
+        ids: list[int] = []
+        closed = False
+        while len(ids) < max_new_tokens:
+            banned = markers + ([tok.im_end_id] if not ids else [])  # the packer never lays out an empty text
+            logits = self.model.backbone.lm_head(hidden)
+            token = choose_token(logits, temperature=temperature, top_p=top_p, banned=banned, generator=generator)
+            hidden = run.step(full, token)
+            if token == tok.im_end_id:
+                closed = True
+                break
+            ids.append(token)
+        if not closed:
+            hidden = run.step(full, tok.im_end_id)
+        chunk = run.embed([StreamPiece(Modality.TEXT, 0, 0, content=tuple(ids))], self.images)
+        self._contexts.extend_unconditional(chunk)
+        return ids, hidden
+
+    def _visible_text(self, ids: list[int], *, first: bool) -> str:
+        """Decoded text without the assistant role prefix (the template adds it back when packing)."""
+        text = self.tokenizer.decode(ids)
+        prefix = self.tokenizer.assistant_prefix
+        if first and prefix and text.startswith(prefix) and len(text) > len(prefix):
+            text = text[len(prefix) :]
+        return text or "\ufffd"  # a Dialogue text may not be empty; the exact ids are kept beside it anyway
+
+    def _generate_image(
+        self, sampler: SamplerConfig, generator: torch.Generator, *, segment: int
+    ) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Sample one image with three-context CFG, decode it, and append it as clean context. Returns key, image,
+        the full context's last output."""
+        run, vae = self.runner, self.model.vae
+        _, (vae_h, vae_w) = self.packer.view_sizes(*self.config.image_size)
+        stride = self.config.vae_token_stride
+        grid = (vae_h // stride, vae_w // stride)
+
+        def context_velocity(ctx: CacheContext | None):
+            return None if ctx is None else (lambda x, t: run.noised_velocity(ctx, x, t, grid))
+
+        full, text_uncond, image_uncond = (context_velocity(c) for c in self._contexts.stored())
+        velocity = guided_velocity(full=full, text_uncond=text_uncond, image_uncond=image_uncond, config=sampler)
+        noise = torch.randn(grid[0] * grid[1], vae.token_dim, generator=generator).to(run.device)
+        x0 = euler_sample(velocity, noise, sampler)
+        latent = vae.unpatchify(x0, grid)
+        image = to_uint8(vae.decode([latent])[0])
+        key = self._new_image_key()
+        self.images[key] = image
+        pieces = run.image_pieces(key, image, segment=segment)
+        chunk = run.embed(pieces, self.images)
+        hidden = self._contexts.extend(chunk, [True] * len(pieces), [False] * len(pieces))
+        return key, image, hidden
+
+    # ------------------------------------------------------------------ rollback
+    @torch.no_grad()
+    def rollback(self, turn_index: int) -> None:
+        """Return to the state before turn ``turn_index`` (that turn and every later one are forgotten)."""
+        if not 0 <= turn_index < self.num_turns:
+            raise IndexError(f"rollback: turn_index {turn_index} is not in [0, {self.num_turns})")
+        self._restore(turn_index)
+
+    def _snapshot(self) -> _Mark:
+        return _Mark(contexts=self._contexts.snapshot(), last_hidden=self._last_hidden)
+
+    def _restore(self, k: int) -> None:
+        """Restore ``self._marks[k]`` and drop turns, marks and images from turn ``k`` on."""
+        mark = self._marks[k]
+        block = mark.contexts.block_start
+
+        def block_chunks():  # the pending user block's turns, for a text-unconditional rebuild
+            for i in range(block, k):
+                turn = self.dialogue.turns[i]
+                pieces = self.runner.turn_pieces(turn, self.images, self._text_ids[i])
+                yield self.runner.embed(pieces, self.images), keep_text_uncond(pieces, turn.role)
+
+        self._contexts.restore(
+            mark.contexts,
+            text_uncond_needed=k > 0 and self.dialogue.turns[k - 1].role is Role.USER,
+            block_full=self._marks[block].contexts if block < k else mark.contexts,
+            block_chunks=block_chunks,
+        )
+        self._last_hidden = mark.last_hidden
+        del self.dialogue.turns[k:], self._text_ids[k:], self._marks[k:]
+        used = {key for turn in self.dialogue.turns for key in turn.image_keys}
+        self.images = {key: img for key, img in self.images.items() if key in used}
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | Path) -> Path:
+        """Write folder ``path``: ``session.json`` (settings, dialogue, exact text ids) and ``images/<key>.png``."""
+        folder = Path(path)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        data = {
+            "format": _FORMAT,
+            "config": asdict(self.config),
+            "vocab_size": self.tokenizer.vocab_size,
+            "dialogue": self.dialogue.to_dict(),
+            "text_ids": self._text_ids,
+        }
+        (folder / SESSION_FILE).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        for key, image in self.images.items():
+            write_png(image.contiguous(), str(folder / "images" / f"{key}.png"))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: ChatUMM, tokenizer: ChatTokenizer) -> ChatSession:
+        """Rebuild a saved session by prefilling its turns again (same caches, same next-token logits)."""
+        folder = Path(path)
+        file = folder / SESSION_FILE
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"ChatSession.load: cannot read {str(file)!r}: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ValueError(f"ChatSession.load: {str(file)!r} is not a {_FORMAT} file")
+        if data.get("vocab_size") != tokenizer.vocab_size:
+            raise ValueError(
+                f"ChatSession.load: {str(file)!r} was saved with vocab_size={data.get('vocab_size')}, the tokenizer "
+                f"has {tokenizer.vocab_size}"
+            )
+        session = cls(model=model, tokenizer=tokenizer, config=SessionConfig.from_dict(data["config"]))
+        raw = data["dialogue"]
+        turns = Dialogue.from_dict(raw).turns if raw.get("turns") else []
+        text_ids = data.get("text_ids") or [None] * len(turns)
+        for turn, ids in zip(turns, text_ids, strict=True):
+            new = {}
+            for key in turn.image_keys:
+                if key not in session.images and key not in new:
+                    new[key] = read_image(str(folder / "images" / f"{key}.png"), mode=ImageReadMode.RGB)
+            with torch.no_grad():
+                session._append_turn(turn, new, ids)
+        return session
+
+    # ------------------------------------------------------------------ helpers
+    def _new_image_key(self, taken: dict[str, torch.Tensor] | None = None) -> str:
+        n = len(self.images) + len(taken or {})
+        while f"img{n}" in self.images or (taken and f"img{n}" in taken):
+            n += 1
+        return f"img{n}"
+
+
+def _segment_ids(turn: Turn, pieces: Sequence[StreamPiece]) -> list[list[int] | None]:
+    """Content ids of each text segment of ``turn`` (None for images), as prefilled."""
+    by_segment = {p.segment: list(p.content) for p in pieces if p.modality is Modality.TEXT}
+    return [by_segment.get(j) for j in range(len(turn.segments))]
