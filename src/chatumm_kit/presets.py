@@ -17,8 +17,8 @@ Example:
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from chatumm_kit.components.masks import MaskBuilder
