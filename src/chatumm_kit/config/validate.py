@@ -2,7 +2,8 @@
 
 Every node with ``_component_`` is resolved (allow-list included) and its keys are bound to the callable's
 signature; values whose type is plainly wrong for an annotated parameter (a string for an ``int``, a list for a
-``float``) are reported. Arguments a node leaves out are fine: they may be supplied at the call site.
+``float``) are reported. A callable with a ``check_recipe_arguments(kwargs) -> list[str]`` attribute adds its own
+problems (each ``"key: message"``), for arguments whose shape a signature cannot express. Arguments a node leaves out are fine: they may be supplied at the call site.
 
 Example:
     >>> from omegaconf import OmegaConf
@@ -123,6 +124,10 @@ def _check_node(node: dict, path: str, allowed: frozenset[str], problems: list[s
                 f"{where}.{key}: unexpected keyword argument {key!r} for {name}"
                 + (f" (accepted: {', '.join(known)})" if known else "")
             )
+    # A callable may check what its signature cannot express (e.g. a model spec held as a plain mapping).
+    hook = getattr(fn, "check_recipe_arguments", None)
+    if callable(hook):
+        problems.extend(f"{where}.{msg}" for msg in hook(kwargs))
     hints = _hints(fn)
     for key, value in kwargs.items():
         if key in params and key in hints:

@@ -78,6 +78,21 @@ class ChatUMMSystem(L.LightningModule):
         self.model: ChatUMM | None = None
         self._last_step_time: float | None = None
 
+    @staticmethod
+    def check_recipe_arguments(kwargs: dict[str, Any]) -> list[str]:
+        """``chatumm validate`` hook: the model spec and freeze keys, checked without building anything."""
+        from chatumm_kit.presets import check_model_spec
+
+        problems = []
+        if isinstance(kwargs.get("model"), dict):
+            try:
+                check_model_spec(kwargs["model"])
+            except ValueError as e:
+                problems.append(str(e))
+        unknown = set(kwargs.get("freeze") or {}) - set(FreezeSpec.__dataclass_fields__)
+        problems += [f"freeze.{k}: unknown part (known: vit, vae, understanding)" for k in sorted(unknown)]
+        return problems
+
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
         """Build the model once (Lightning may call this more than once, e.g. under FSDP)."""
