@@ -86,10 +86,16 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_cli():
-    from chatumm_kit.convert import cli
+def _delegated(help_line: str, module: str) -> Command:
+    """A command implemented in ``module`` (``add_arguments(parser)`` and ``run(args) -> int``), imported lazily so
+    ``chatumm --help`` stays fast."""
 
-    return cli
+    def load():
+        import importlib
+
+        return importlib.import_module(module)
+
+    return Command(help_line, lambda p: load().add_arguments(p), lambda a: load().run(a))
 
 
 COMMANDS: dict[str, Command] = {
@@ -98,12 +104,14 @@ COMMANDS: dict[str, Command] = {
     "print": Command("print a recipe with overrides applied and interpolations resolved", _recipe_args, _run_print),
     "ls": Command("list the recipes shipped with the kit", lambda p: None, _run_ls),
     "synth": Command("synthesise conversational dialogues into shards: chatumm synth RECIPE", _recipe_args, _run_synth),
-    "convert": Command(
+    "convert": _delegated(
         "convert checkpoints: chatumm convert KIND SOURCE OUTPUT (BAGEL, Qwen2, SigLIP, FLUX VAE)",
-        lambda p: _convert_cli().add_arguments(p),
-        lambda a: _convert_cli().run(a),
+        "chatumm_kit.convert.cli",
     ),
-    # chat and eval register here.
+    "chat": _delegated(
+        "chat with a trained model: chatumm chat CHECKPOINT [--script FILE]", "chatumm_kit.inference.chat_cli"
+    ),
+    "eval": _delegated("run the multi-turn context-tracking benchmark: chatumm eval ...", "chatumm_kit.eval.cli"),
 }
 
 

@@ -1,0 +1,270 @@
+"""The exact multi-turn context-tracking benchmark on held-out ShapesChat dialogues (SPEC §7, ARCHITECTURE.md).
+
+**Data.** Dialogues from the synthesis pipeline with held-out phrasings, task seeds no training recipe uses, and
+chains longer than any training dialogue (``recipes/shapes/eval.yaml``). Every assistant turn carries its ground
+truth and its taxonomy tags (``synth/draft.py``); :func:`~.turns.expected_turns` reads them.
+
+**Protocol.** Each model is wrapped as a :class:`~.responders.Responder` and run twice over the same dialogues, in
+file order (the first ``max_dialogues``):
+
+1. *Teacher-forced history* — per dialogue, walk the exchanges in order: add the true user turn, let the model
+   ``respond``, score the reply (:func:`~.metrics.score_turn`), then ``retract`` it and add the **true** assistant
+   turn (its true images as pixels) before the next exchange. Every turn is thus scored on its own, conditioned on
+   the correct history, which is what makes accuracy *by dependency distance* meaningful (a failure at distance 8 is
+   a failure to use a picture 8 unrelated exchanges back, not the echo of an earlier mistake). Aggregated overall,
+   by distance (``none``, 0, 1, 2, 4, 8 — the ``distance`` tag), by turn index and by task.
+2. *Free running* — the model's own replies stay in the history; a dialogue stops at its first failed turn
+   (``success`` false). SR@k = among dialogues with at least k assistant turns, the fraction whose first k turns all
+   succeed (:class:`~.metrics.SuccessRates`). With the default ``image_success_threshold = 1.0`` a surviving
+   history's generated pictures are exactly the true scenes, so the ground truth of later turns stays valid.
+
+**Determinism.** Replies are decoded greedily by default; the image noise of the reply to exchange ``i`` of
+dialogue ``d`` is seeded with ``crc32(f"{seed}:{d}:{i}")``, the same in both modes (so exchange 0 gets the same reply
+in both). The same seed, data and weights give the same report.
+
+Example:
+    >>> report = run_benchmark(models={"multi_turn": "runs/shapes/chat_tiny/checkpoints/last.ckpt"},
+    ...                        shards="runs/shapes/eval_data/index.json",
+    ...                        settings=BenchmarkSettings(max_dialogues=100))            # doctest: +SKIP
+    >>> report.write("runs/shapes/eval")                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatumm_kit.components.tokenizer import ChatTokenizer
+from chatumm_kit.data.dialogue import DialogueSample, Role
+from chatumm_kit.data.shapes import WorldConfig
+from chatumm_kit.eval.loading import LoadedModel, load_checkpoint
+from chatumm_kit.eval.metrics import FreeRun, TurnScore, score_turn
+from chatumm_kit.eval.report import BenchmarkReport, DatasetSummary, ModelReport
+from chatumm_kit.eval.responders import ChatSessionResponder, ReplySettings, Responder
+from chatumm_kit.eval.turns import ExpectedTurn, expected_turns
+from chatumm_kit.model import ChatUMM
+
+__all__ = ["BenchmarkSettings", "ModelSource", "ContextTrackingBenchmark", "run_benchmark", "ModelLike"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkSettings:
+    """Settings of a benchmark run.
+
+    Attributes:
+        max_dialogues: evaluate the first N dialogues of the shards (None: all).
+        seed: seeds the per-turn image noise (see the module docstring).
+        reply: how models reply (token caps, decoding, image sampler).
+        image_success_threshold: attribute accuracy an image needs to count as a success (1.0: all attributes).
+
+    Example:
+        >>> BenchmarkSettings(max_dialogues=10).to_dict()["max_dialogues"]
+        10
+    """
+
+    max_dialogues: int | None = None
+    seed: int = 0
+    reply: ReplySettings = field(default_factory=ReplySettings)
+    image_success_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_dialogues is not None and self.max_dialogues < 1:
+            raise ValueError(f"BenchmarkSettings.max_dialogues must be >= 1 or None, got {self.max_dialogues}")
+        if not 0.0 < self.image_success_threshold <= 1.0:
+            raise ValueError(
+                f"BenchmarkSettings.image_success_threshold must be in (0, 1], got {self.image_success_threshold}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "max_dialogues": self.max_dialogues,
+            "seed": self.seed,
+            "reply": self.reply.to_dict(),
+            "image_success_threshold": self.image_success_threshold,
+        }
+        return json.loads(json.dumps(out))  # tuples → lists, as the JSON report holds them
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """A model to evaluate, by checkpoint (see :func:`~.loading.load_checkpoint` for the arguments)."""
+
+    checkpoint: str
+    use_ema: bool | None = None
+    tokenizer: str | None = None
+    spec_overrides: dict[str, Any] | None = None
+
+    def load(self) -> LoadedModel:
+        return load_checkpoint(
+            self.checkpoint, use_ema=self.use_ema, tokenizer=self.tokenizer, spec_overrides=self.spec_overrides
+        )
+
+
+ModelLike = Responder | ModelSource | LoadedModel | str | Path | tuple[ChatUMM, ChatTokenizer]
+"""What :func:`run_benchmark` accepts per model: a responder, a checkpoint (source or path), or a loaded model."""
+
+
+def _as_responder(name: str, value: Any, world: WorldConfig, reply: ReplySettings) -> tuple[Responder, dict]:
+    """Turn one entry of ``models`` into a responder and a description of its source for the report."""
+    if isinstance(value, str | Path):
+        value = ModelSource(checkpoint=str(value))
+    if isinstance(value, ModelSource):
+        loaded = value.load()
+        source = {"kind": "checkpoint", "checkpoint": loaded.checkpoint, "ema": loaded.ema}
+        return ChatSessionResponder.from_model(loaded.model, loaded.tokenizer, world=world, settings=reply), source
+    if isinstance(value, LoadedModel):
+        source = {"kind": "checkpoint", "checkpoint": value.checkpoint, "ema": value.ema}
+        return ChatSessionResponder.from_model(value.model, value.tokenizer, world=world, settings=reply), source
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], ChatUMM):
+        model, tok = value
+        return ChatSessionResponder.from_model(model, tok, world=world, settings=reply), {"kind": "model"}
+    if isinstance(value, Responder):
+        return value, {"kind": "responder", "type": type(value).__name__}
+    raise TypeError(
+        f"models[{name!r}]: expected a checkpoint path, a ModelSource, a LoadedModel, a (ChatUMM, ChatTokenizer) "
+        f"pair or a Responder, got {type(value).__name__}"
+    )
+
+
+class ContextTrackingBenchmark:
+    """Runs responders over held-out dialogues and scores them (protocol in the module docstring).
+
+    Args:
+        samples: the dialogues (synthesized, with ground truth in their metadata); the first
+            ``settings.max_dialogues`` are used.
+        world: the ShapesChat world they live in (default :class:`WorldConfig`).
+        settings: benchmark settings.
+
+    Raises:
+        ValueError: a dialogue lacks the metadata the benchmark scores against (named), or there are no dialogues.
+    """
+
+    def __init__(
+        self,
+        *,
+        samples: Iterable[DialogueSample],
+        world: WorldConfig | None = None,
+        settings: BenchmarkSettings = BenchmarkSettings(),
+    ) -> None:
+        self.world = world or WorldConfig()
+        self.settings = settings
+        self.samples = list(itertools.islice(samples, settings.max_dialogues))
+        if not self.samples:
+            raise ValueError("ContextTrackingBenchmark: no dialogues to evaluate")
+        self.expected: list[list[ExpectedTurn]] = [expected_turns(s, self.world) for s in self.samples]
+
+    @classmethod
+    def from_shards(
+        cls, shards: Any, *, world: WorldConfig | None = None, settings: BenchmarkSettings = BenchmarkSettings()
+    ) -> ContextTrackingBenchmark:
+        """Read the dialogues from shards (anything :func:`~chatumm_kit.data.shards.read_samples` accepts)."""
+        from chatumm_kit.data.shards import read_samples
+
+        return cls(samples=read_samples(shards), world=world, settings=settings)
+
+    def summary(self) -> DatasetSummary:
+        return DatasetSummary.from_turns(self.expected, [s.dialogue.id for s in self.samples])
+
+    def turn_seed(self, dialogue_id: str, index: int) -> int:
+        """The seed of the reply to exchange ``index`` of ``dialogue_id`` (stable across runs and processes)."""
+        return zlib.crc32(f"{self.settings.seed}:{dialogue_id}:{index}".encode()) & 0x7FFFFFFF
+
+    def _score(self, expected: ExpectedTurn, responder: Responder) -> TurnScore:
+        reply = responder.respond(seed=self.turn_seed(expected.dialogue_id, expected.index))
+        return score_turn(
+            expected=expected,
+            reply=reply,
+            world=self.world,
+            image_success_threshold=self.settings.image_success_threshold,
+        )
+
+    def teacher_forced(self, responder: Responder, *, progress: bool = False) -> list[TurnScore]:
+        """Score every assistant turn with the true history before it."""
+        from tqdm.auto import tqdm
+
+        scores: list[TurnScore] = []
+        for turns in tqdm(self.expected, desc="teacher-forced", unit="dlg", disable=not progress):
+            responder.start(turns[0].dialogue_id)
+            for e in turns:
+                responder.add_turn(Role.USER, e.user)
+                scores.append(self._score(e, responder))
+                if e.index + 1 < len(turns):  # the last reply needs no true replacement
+                    responder.retract()
+                    responder.add_turn(Role.ASSISTANT, e.reply)
+        return scores
+
+    def free_running(self, responder: Responder, *, progress: bool = False) -> list[FreeRun]:
+        """Run every dialogue with the model's own replies in the history, stopping at its first failure."""
+        from tqdm.auto import tqdm
+
+        runs: list[FreeRun] = []
+        for turns in tqdm(self.expected, desc="free-running", unit="dlg", disable=not progress):
+            run = FreeRun(dialogue_id=turns[0].dialogue_id, num_turns=len(turns))
+            responder.start(run.dialogue_id)
+            for e in turns:
+                responder.add_turn(Role.USER, e.user)
+                s = self._score(e, responder)
+                run.turns.append(s)
+                if not s.success:
+                    run.first_failure = e.index
+                    break
+            runs.append(run)
+        return runs
+
+    def evaluate(
+        self, name: str, responder: Responder, *, source: Mapping[str, Any] | None = None, progress: bool = False
+    ) -> ModelReport:
+        """Both protocols for one responder."""
+        return ModelReport.from_scores(
+            name=name,
+            source=source or {"kind": "responder", "type": type(responder).__name__},
+            turns=self.teacher_forced(responder, progress=progress),
+            free_runs=self.free_running(responder, progress=progress),
+        )
+
+    def report(self, results: Sequence[ModelReport]) -> BenchmarkReport:
+        """Assemble model results into a report with this benchmark's settings and dataset summary."""
+        settings = {
+            **self.settings.to_dict(),
+            "world": {"image_size": self.world.image_size, "grid": self.world.grid},
+        }
+        return BenchmarkReport(settings=settings, data=self.summary(), models={r.name: r for r in results})
+
+
+def run_benchmark(
+    *,
+    models: Mapping[str, ModelLike],
+    shards: Any,
+    settings: BenchmarkSettings | None = None,
+    world: WorldConfig | None = None,
+    progress: bool = False,
+) -> BenchmarkReport:
+    """Evaluate several models on the same held-out dialogues and return the comparison.
+
+    Args:
+        models: name → checkpoint path, :class:`ModelSource`, :class:`~.loading.LoadedModel`, ``(ChatUMM,
+            ChatTokenizer)`` or any :class:`~.responders.Responder` (e.g. ``{"multi_turn": ..., "single_turn": ...}``).
+        shards: the held-out dialogues (an ``index.json``, a shard, or a list of them).
+        settings: benchmark settings (``max_dialogues``, ``seed``, reply and sampler settings, success threshold).
+        world: the ShapesChat world (default :class:`WorldConfig`).
+        progress: show progress bars.
+
+    Returns:
+        the :class:`~.report.BenchmarkReport` (write it with ``report.write(out_dir)``).
+    """
+    if not models:
+        raise ValueError("run_benchmark: models is empty")
+    settings = settings or BenchmarkSettings()
+    bench = ContextTrackingBenchmark.from_shards(shards, world=world, settings=settings)
+    results = []
+    for name, value in models.items():
+        responder, source = _as_responder(name, value, bench.world, settings.reply)
+        results.append(bench.evaluate(name, responder, source=source, progress=progress))
+    report = bench.report(results)
+    report.settings["shards"] = [str(s) for s in shards] if isinstance(shards, list | tuple) else str(shards)
+    return report

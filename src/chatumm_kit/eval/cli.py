@@ -1,0 +1,105 @@
+"""``chatumm eval RECIPE [key=value ...]``: synthesise (or reuse) the held-out set, evaluate the recipe's models,
+write ``<output_dir>/eval_report.json`` and ``eval_report.png`` and print a summary table.
+
+An eval recipe (``recipes/shapes/eval.yaml``) has these top-level keys:
+
+* ``heldout`` — a :class:`~chatumm_kit.synth.SynthPipeline` node (run, or resumed, or found finished: its
+  ``output_dir/index.json`` is the held-out set), or a plain path to existing shards;
+* ``models`` — name → :class:`~chatumm_kit.eval.ModelSource` node (or a checkpoint path), compared in order;
+* ``benchmark`` — optional :class:`~chatumm_kit.eval.BenchmarkSettings` node;
+* ``world`` — optional :class:`~chatumm_kit.data.shapes.WorldConfig` node (the default world otherwise);
+* ``prepare`` — optional steps built first (e.g. ``ensure_trained`` for a missing checkpoint);
+* ``seed``, ``output_dir``, ``vars`` and any other key as a place for shared nodes (``phrasing``).
+
+The lead registers it in :data:`chatumm_kit.cli.COMMANDS` as
+``Command("evaluate models on held-out dialogues: chatumm eval RECIPE", add_arguments, run)``.
+
+Example:
+    >>> run(argparse.Namespace(recipe="shapes/eval", overrides=["benchmark.max_dialogues=20"]))  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, load_recipe, validate_recipe
+
+__all__ = ["add_arguments", "run", "run_eval", "REPORT_STEM"]
+
+REPORT_STEM = "eval_report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="an eval recipe file, or a shipped recipe name such as shapes/eval")
+    parser.add_argument("overrides", nargs="*", help="key=value, +key=value (add) or ~key (delete)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load and validate the recipe, then :func:`run_eval`; returns the exit code."""
+    allowed = DEFAULT_ALLOWED_ROOTS | frozenset(getattr(args, "allow_root", None) or ())
+    cfg = load_recipe(args.recipe, args.overrides)
+    validate_recipe(cfg, allowed_roots=allowed)
+    run_eval(cfg, allowed_roots=allowed)
+    return 0
+
+
+def run_eval(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS):
+    """Run an eval recipe (keys in the module docstring); returns the :class:`~chatumm_kit.eval.BenchmarkReport`."""
+    from chatumm_kit.data.shapes import WorldConfig
+    from chatumm_kit.eval.benchmark import BenchmarkSettings, ModelSource, run_benchmark
+    from chatumm_kit.synth.pipeline import SynthPipeline
+
+    allowed = frozenset(allowed_roots)
+    missing = [f"{k}: missing (an eval recipe needs it)" for k in ("heldout", "models") if k not in cfg]
+    if missing:
+        raise RecipeError(missing)
+    if not isinstance(cfg.models, DictConfig) or not cfg.models:
+        raise RecipeError("models: must be a non-empty mapping of name → ModelSource (or checkpoint path)")
+    output_dir = Path(str(cfg.get("output_dir") or "runs/eval"))
+
+    for i, step in enumerate(cfg.get("prepare") or []):
+        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
+
+    models = {}
+    for name in cfg.models:
+        built = instantiate(cfg.models[name], allowed_roots=allowed, path=f"models.{name}")
+        source = ModelSource(checkpoint=str(built)) if isinstance(built, str) else built
+        if not isinstance(source, ModelSource):
+            raise RecipeError(f"models.{name}: built {type(source).__name__}, expected a ModelSource or a path")
+        if not Path(source.checkpoint).exists():
+            raise RecipeError(
+                f"models.{name}.checkpoint: {source.checkpoint!r} does not exist; train it first or leave the model "
+                f"out with '~models.{name}'"
+            )
+        models[str(name)] = source
+
+    world = instantiate(cfg.world, allowed_roots=allowed, path="world") if cfg.get("world") is not None else None
+    if world is not None and not isinstance(world, WorldConfig):
+        raise RecipeError(f"world: built {type(world).__name__}, expected a chatumm_kit.data.shapes.WorldConfig")
+    settings = BenchmarkSettings()
+    if cfg.get("benchmark") is not None:
+        settings = instantiate(cfg.benchmark, allowed_roots=allowed, path="benchmark")
+        if not isinstance(settings, BenchmarkSettings):
+            raise RecipeError(
+                f"benchmark: built {type(settings).__name__}, expected chatumm_kit.eval.BenchmarkSettings"
+            )
+
+    heldout = instantiate(cfg.heldout, allowed_roots=allowed, path="heldout")
+    if isinstance(heldout, SynthPipeline):
+        heldout.run()  # resumes an interrupted run; a finished one is left as it is
+        shards = str(heldout.output_dir / "index.json")
+    elif isinstance(heldout, str):
+        shards = heldout
+    else:
+        raise RecipeError(f"heldout: built {type(heldout).__name__}, expected a SynthPipeline or a shard path")
+
+    report = run_benchmark(models=models, shards=shards, settings=settings, world=world, progress=True)
+    js, png = report.write(output_dir, stem=REPORT_STEM)
+    print(report.summary_table())
+    print(f"eval: {report.data.num_dialogues} dialogues, {report.data.num_turns} turns; report: {js}; chart: {png}")
+    return report

@@ -1,0 +1,161 @@
+"""Load a trained ChatUMM and its tokenizer from a Lightning checkpoint of ``ChatUMMSystem``, for evaluation.
+
+The checkpoint (a ``*.ckpt`` file, or a sharded DCP folder with ``meta.pt``) carries the model *spec* in its
+hyperparameters (``hyper_parameters.model`` = ``{preset, tokenizer, vae_weights, sizes...}``, see
+:mod:`chatumm_kit.presets`). The model is rebuilt from the spec and filled with the checkpoint's weights — the EMA
+weights when :class:`~chatumm_kit.training.ema.EMACallback` saved some (``use_ema=None``, the default), or as asked.
+Nothing is unpickled beyond tensors and plain values: files are read with ``torch.load(weights_only=True)`` and the
+weights through :func:`chatumm_kit.training.checkpoints.read_weights`.
+
+Paths inside the spec (``tokenizer``, ``vae_weights``) are read as written at training time, i.e. relative to the
+directory training ran in; pass ``tokenizer=`` or ``spec_overrides=`` to point elsewhere.
+
+Example:
+    >>> loaded = load_checkpoint("runs/shapes/chat_tiny/checkpoints/last.ckpt")   # doctest: +SKIP
+    >>> loaded.ema, type(loaded.model).__name__                                    # doctest: +SKIP
+    (True, 'ChatUMM')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatumm_kit.components.tokenizer import ChatTokenizer
+from chatumm_kit.model import ChatUMM
+from chatumm_kit.training.checkpoints import is_sharded_checkpoint, read_weights
+from chatumm_kit.training.ema import EMA_CALLBACK_MARKER, EMA_KEY_PREFIX
+
+__all__ = ["LoadedModel", "load_checkpoint", "checkpoint_hyperparameters", "checkpoint_has_ema"]
+
+_META_FILE = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the DCP shards (hyperparameters, ...)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for :class:`~chatumm_kit.inference.session.ChatSession`.
+
+    Attributes:
+        model: the ChatUMM, in eval mode, on CPU.
+        tokenizer: its chat tokenizer.
+        spec: the model spec it was built from (after overrides).
+        checkpoint: where the weights came from.
+        ema: whether the EMA weights were loaded.
+    """
+
+    model: ChatUMM
+    tokenizer: ChatTokenizer
+    spec: dict[str, Any]
+    checkpoint: str
+    ema: bool
+
+
+def _load_plain(path: Path) -> Mapping[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # weights_only refuses pickled objects; say which file and why
+        raise ValueError(
+            f"{path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}: {err}); the benchmark "
+            "does not unpickle arbitrary objects"
+        ) from err
+
+
+def _metadata_of(checkpoint: Path) -> Mapping[str, Any]:
+    """The checkpoint's non-weight entries (the whole file, or the DCP folder's ``meta.pt``)."""
+    if is_sharded_checkpoint(checkpoint):
+        meta = checkpoint / _META_FILE
+        if not meta.is_file():
+            raise FileNotFoundError(f"{checkpoint}: a sharded checkpoint folder without {_META_FILE}")
+        return _load_plain(meta)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    return _load_plain(checkpoint)
+
+
+def checkpoint_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``hyper_parameters`` a ``ChatUMMSystem`` saved (raises ``ValueError`` when there is no model spec)."""
+    path = Path(checkpoint)
+    hparams = _metadata_of(path).get("hyper_parameters")
+    if not isinstance(hparams, Mapping) or not isinstance(hparams.get("model"), Mapping):
+        raise ValueError(
+            f"{path}: no hyper_parameters.model (the model spec); is this a ChatUMMSystem checkpoint? "
+            f"(hyper_parameters keys: {sorted(hparams) if isinstance(hparams, Mapping) else None})"
+        )
+    return dict(hparams)
+
+
+def checkpoint_has_ema(checkpoint: str | Path) -> bool:
+    """Whether the checkpoint holds EMA weights written by ``EMACallback``."""
+    path = Path(checkpoint)
+    if is_sharded_checkpoint(path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return any(EMA_KEY_PREFIX in k for k in keys)
+    callbacks = _metadata_of(path).get("callbacks") or {}
+    return any(
+        isinstance(s, Mapping) and s.get("format") == EMA_CALLBACK_MARKER and "shadow" in s for s in callbacks.values()
+    )
+
+
+def _require_file(spec: Mapping[str, Any], key: str, checkpoint: Path) -> None:
+    value = spec.get(key)
+    if value is not None and not Path(str(value)).exists():
+        raise FileNotFoundError(
+            f"{checkpoint}: the model spec's {key} {str(value)!r} does not exist (paths are read relative to the "
+            f"current directory, as at training); run from the training directory or pass "
+            f"spec_overrides={{'{key}': ...}}" + (" or tokenizer=..." if key == "tokenizer" else "")
+        )
+
+
+def load_checkpoint(
+    checkpoint: str | Path,
+    *,
+    use_ema: bool | None = None,
+    tokenizer: ChatTokenizer | str | Path | None = None,
+    spec_overrides: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Rebuild the model of a ``ChatUMMSystem`` checkpoint and load its weights.
+
+    Args:
+        checkpoint: ``*.ckpt`` file or sharded checkpoint folder.
+        use_ema: True — the EMA weights (error if there are none); False — the raw weights; None — EMA when present.
+        tokenizer: a tokenizer, or the path of one, instead of the spec's ``tokenizer``.
+        spec_overrides: keys of the model spec to replace (e.g. ``{"vae_weights": "elsewhere/vae.safetensors"}``).
+
+    Raises:
+        FileNotFoundError: the checkpoint, or a file the spec names, is missing.
+        ValueError: not a ChatUMMSystem checkpoint, EMA asked for but absent, or weights that do not fit the spec.
+    """
+    from chatumm_kit.presets import build_model
+
+    path = Path(checkpoint)
+    spec = dict(checkpoint_hyperparameters(path)["model"])
+    spec.update(spec_overrides or {})
+    if isinstance(tokenizer, ChatTokenizer):
+        tok = tokenizer
+        if spec.get("vocab_size") is None:
+            spec["vocab_size"] = tok.vocab_size
+        spec.pop("tokenizer", None)
+    else:
+        if tokenizer is not None:
+            spec["tokenizer"] = str(tokenizer)
+        if spec.get("tokenizer") is None:
+            raise ValueError(f"{path}: the model spec names no tokenizer; pass tokenizer=")
+        _require_file(spec, "tokenizer", path)
+        tok = ChatTokenizer.from_file(spec["tokenizer"])
+    _require_file(spec, "vae_weights", path)
+
+    ema = checkpoint_has_ema(path) if use_ema is None else bool(use_ema)
+    weights = read_weights(path, use_ema=ema, prefix="model.")
+    model = build_model(spec)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the weights do not fit the model spec {spec}: {err}") from None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, checkpoint=str(path), ema=ema)

@@ -1,0 +1,255 @@
+"""The benchmark's report: per-model results, the dataset it ran on, JSON round trip, a PNG chart and a text table.
+
+:class:`BenchmarkReport` holds a :class:`DatasetSummary` and one :class:`ModelReport` per compared model (e.g.
+``multi_turn`` vs ``single_turn``). :meth:`BenchmarkReport.write` writes ``<stem>.json`` and ``<stem>.png``: accuracy
+versus history-dependency distance for the main metrics (one line per model) and SR@k versus k.
+
+Example:
+    >>> report = BenchmarkReport.load("runs/shapes/eval/eval_report.json")   # doctest: +SKIP
+    >>> report.models["multi_turn"].teacher_forced.by_distance["4"].mean("success")   # doctest: +SKIP
+    0.62
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatumm_kit.eval.metrics import FreeRun, SuccessRates, TurnAggregate, TurnScore, distance_order
+from chatumm_kit.eval.turns import ExpectedTurn
+
+__all__ = ["DatasetSummary", "ModelReport", "BenchmarkReport", "PLOT_METRICS"]
+
+PLOT_METRICS: tuple[tuple[str, str], ...] = (
+    ("success", "turn success (teacher-forced history)"),
+    ("intent", "intent accuracy"),
+    ("vqa", "VQA exact match"),
+    ("image_attr", "generated-image attribute accuracy"),
+    ("image_exact", "generated image: all attributes right"),
+)
+"""(metric, panel title) of the per-distance panels of :meth:`BenchmarkReport.plot`."""
+
+
+def _hist(keys: Sequence[str], order=None) -> dict[str, int]:
+    c = Counter(keys)
+    return {k: c[k] for k in sorted(c, key=order)}
+
+
+@dataclass
+class DatasetSummary:
+    """What the benchmark ran on: dialogue and turn counts and the histograms of the tags it breaks down by."""
+
+    num_dialogues: int = 0
+    num_turns: int = 0
+    max_turns: int = 0
+    turns_per_dialogue: dict[str, int] = field(default_factory=dict)
+    by_distance: dict[str, int] = field(default_factory=dict)
+    by_task: dict[str, int] = field(default_factory=dict)
+    by_output: dict[str, int] = field(default_factory=dict)
+    dialogue_ids: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_turns(cls, dialogues: Sequence[Sequence[ExpectedTurn]], ids: Sequence[str]) -> DatasetSummary:
+        flat = [t for d in dialogues for t in d]
+        return cls(
+            num_dialogues=len(dialogues),
+            num_turns=len(flat),
+            max_turns=max((len(d) for d in dialogues), default=0),
+            turns_per_dialogue=_hist([str(len(d)) for d in dialogues], order=int),
+            by_distance=_hist([t.distance_key for t in flat], order=distance_order),
+            by_task=_hist([t.task for t in flat]),
+            by_output=_hist([t.output for t in flat]),
+            dialogue_ids=list(ids),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_dialogues": self.num_dialogues,
+            "num_turns": self.num_turns,
+            "max_turns": self.max_turns,
+            "turns_per_dialogue": dict(self.turns_per_dialogue),
+            "by_distance": dict(self.by_distance),
+            "by_task": dict(self.by_task),
+            "by_output": dict(self.by_output),
+            "dialogue_ids": list(self.dialogue_ids),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DatasetSummary:
+        return cls(**{k: d[k] for k in cls().to_dict()})
+
+
+@dataclass
+class ModelReport:
+    """Results of one model.
+
+    Attributes:
+        name: the model's name in the comparison.
+        source: where it came from (checkpoint path, EMA or not, or the responder's type).
+        teacher_forced: per-turn scores with the true history, aggregated (overall, by distance, turn, task).
+        free_running: SR@k with the model's own replies in the history, stopping at the first failure.
+        turns: every teacher-forced turn score.
+        free_runs: every free-running dialogue.
+    """
+
+    name: str
+    source: dict[str, Any]
+    teacher_forced: TurnAggregate
+    free_running: SuccessRates
+    turns: list[TurnScore] = field(default_factory=list)
+    free_runs: list[FreeRun] = field(default_factory=list)
+
+    @classmethod
+    def from_scores(
+        cls, *, name: str, source: Mapping[str, Any], turns: Sequence[TurnScore], free_runs: Sequence[FreeRun]
+    ) -> ModelReport:
+        return cls(
+            name=name,
+            source=dict(source),
+            teacher_forced=TurnAggregate.from_turns(turns),
+            free_running=SuccessRates.from_runs(free_runs),
+            turns=list(turns),
+            free_runs=list(free_runs),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": dict(self.source),
+            "teacher_forced": self.teacher_forced.to_dict(),
+            "free_running": self.free_running.to_dict(),
+            "turns": [t.to_dict() for t in self.turns],
+            "free_runs": [r.to_dict() for r in self.free_runs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelReport:
+        return cls(
+            name=str(d["name"]),
+            source=dict(d["source"]),
+            teacher_forced=TurnAggregate.from_dict(d["teacher_forced"]),
+            free_running=SuccessRates.from_dict(d["free_running"]),
+            turns=[TurnScore.from_dict(t) for t in d.get("turns", [])],
+            free_runs=[FreeRun.from_dict(r) for r in d.get("free_runs", [])],
+        )
+
+
+@dataclass
+class BenchmarkReport:
+    """The whole comparison: settings, dataset summary, and one :class:`ModelReport` per model (insertion order)."""
+
+    settings: dict[str, Any]
+    data: DatasetSummary
+    models: dict[str, ModelReport] = field(default_factory=dict)
+    version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "settings": self.settings,
+            "data": self.data.to_dict(),
+            "models": {k: v.to_dict() for k, v in self.models.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BenchmarkReport:
+        return cls(
+            settings=dict(d["settings"]),
+            data=DatasetSummary.from_dict(d["data"]),
+            models={k: ModelReport.from_dict(v) for k, v in d["models"].items()},
+            version=int(d.get("version", 1)),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> BenchmarkReport:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    # ------------------------------------------------------------------ output
+    def write(self, out_dir: str | Path, *, stem: str = "eval_report", png: bool = True) -> tuple[Path, Path | None]:
+        """Write ``<stem>.json`` (atomically) and, unless ``png=False``, ``<stem>.png`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        js = out / f"{stem}.json"
+        tmp = js.with_name(js.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(js)
+        if not png:
+            return js, None
+        chart = out / f"{stem}.png"
+        self.plot(chart)
+        return js, chart
+
+    def distance_keys(self) -> list[str]:
+        """Distance buckets seen by any model, ``"none"`` first then ascending."""
+        keys = {k for m in self.models.values() for k in m.teacher_forced.by_distance}
+        return sorted(keys, key=distance_order)
+
+    def plot(self, path: str | Path) -> None:
+        """Accuracy vs dependency distance for :data:`PLOT_METRICS` (one line per model) and SR@k vs k."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure  # no pyplot global state
+        from matplotlib.ticker import MaxNLocator
+
+        keys = self.distance_keys()
+        fig = Figure(figsize=(14, 8), dpi=80)
+        axes = fig.subplots(2, 3).ravel()
+        for ax, (metric, title) in zip(axes, PLOT_METRICS):
+            for name, m in self.models.items():
+                ys = [_value(m.teacher_forced.by_distance.get(k), metric) for k in keys]
+                ax.plot(range(len(keys)), ys, marker="o", label=name)
+            ax.set_xticks(range(len(keys)))
+            ax.set_xticklabels(keys)
+            ax.set_xlabel("history-dependency distance (turns back)")
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+        ax = axes[-1]
+        for name, m in self.models.items():
+            ks = sorted(m.free_running.sr_at_k)
+            ax.plot(ks, [m.free_running.sr_at_k[k] for k in ks], marker="o", label=name)
+        ax.set_xlabel("k (turns)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title("SR@k (free-running, stop at first failure)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if self.models:
+            axes[0].legend(fontsize=8)
+        fig.suptitle(
+            f"ShapesChat context tracking: {self.data.num_dialogues} held-out dialogues, {self.data.num_turns} turns",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        fig.savefig(str(path))
+
+    def summary_table(self, *, max_k: int = 5) -> str:
+        """A plain-text table: overall metrics, success by distance and SR@k, one row per model."""
+        keys = self.distance_keys()
+        metrics = ["success", "intent", "vqa", "caption", "chat", "image_attr", "image_exact"]
+        head = ["model", *metrics, *(f"succ@d{k}" for k in keys), *(f"SR@{k}" for k in range(1, max_k + 1))]
+        rows = [head]
+        for name, m in self.models.items():
+            tf = m.teacher_forced
+            row = [name, *(_fmt(tf.overall.mean(x)) for x in metrics)]
+            row += [_fmt(_value(tf.by_distance.get(k), "success")) for k in keys]
+            row += [_fmt(m.free_running.sr_at_k.get(k)) for k in range(1, max_k + 1)]
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        return "\n".join(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        )
+
+
+def _value(breakdown, metric: str) -> float:
+    v = None if breakdown is None else breakdown.mean(metric)
+    return math.nan if v is None else v
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
