@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -16,7 +17,7 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config.instantiate import instantiate
 from chatumm_kit.config.validate import validate_recipe
 from chatumm_kit.data.batch import PackedBatch
-from chatumm_kit.data.datamodule import DialogueDataModule
+from chatumm_kit.data.datamodule import DialogueDataModule, _round_robin_after
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, Role, TextSegment, Turn
 from chatumm_kit.data.shards import DialogueShardWriter
 from chatumm_kit.data.streaming import SourceSpec, StreamBatch, assign_shards
@@ -287,3 +288,122 @@ def test_lightning_fit_checkpoint_resume_is_exact(tok, data, tmp_path) -> None:
     tail = [k for b in second.batches for k in b]
     assert head and tail and not set(head) & set(tail)
     assert sorted(head + tail) == sorted(ALL_KEYS)
+
+
+# --------------------------------------------------------------------------------------------- exact resume
+DROP = {"text": 0.5, "vit": 0.5, "vae": 0.5}  # make_sample's "now draw it" is droppable: one draw per sample
+
+
+def checksum(batch: PackedBatch) -> int:
+    """Order-sensitive sum of the input ids: differs when a CFG draw or the packing order differs."""
+    ids = batch.input_ids.long()
+    return int((ids * torch.arange(1, ids.numel() + 1)).sum())
+
+
+def batch_trace(dm: DialogueDataModule, *, stop_after: int | None = None) -> list[tuple[list[str], int]]:
+    """(sample keys, checksum) of each consumed batch of one epoch (keys keep their ordinal)."""
+    out = []
+    for i, item in enumerate(dm.train_dataloader()):
+        if i == stop_after:
+            break
+        batch = dm.consume(item)
+        out.append((list(batch.sample_keys), checksum(batch)))
+    return out
+
+
+def test_resume_at_every_cut_replays_the_uninterrupted_batches_exactly(tok, data) -> None:
+    # Same batches (grouping, order, CFG draws) whether or not the epoch was cut, wherever the cut falls: while
+    # samples wait in the packer's buffer, and in the tail the packer packs first-fit decreasing after the stream
+    # ended. Old failure: the resumed packer started empty (other groupings) and the CFG generator restarted.
+    full = batch_trace(make_dm(tok, data, drop_rates=DROP, overflow_size=8))
+    undropped = batch_trace(make_dm(tok, data, overflow_size=8))
+    assert [k for k, _ in undropped] == [k for k, _ in full]  # dropout never changes the grouping …
+    assert sum(a != b for (_, a), (_, b) in zip(full, undropped)) >= len(full) // 3  # … but it did drop
+    kinds = set()
+    for cut in range(1, len(full)):
+        head_dm = make_dm(tok, data, drop_rates=DROP, overflow_size=8)
+        head = batch_trace(head_dm, stop_after=cut)
+        state = head_dm.state_dict()
+        pos = state["ranks"]["0"]["positions"]["0"]
+        kinds.add((bool(pos["waiting"]), pos["ended"]))
+        resumed = make_dm(tok, data, drop_rates=DROP, overflow_size=8)
+        resumed.load_state_dict(state)
+        assert head + batch_trace(resumed) == full, f"cut after batch {cut}"
+    assert {(True, False), (True, True)} <= kinds  # cuts with a buffer mid-stream and in the tail were tried
+
+
+class _TraceRecorder(L.LightningModule):
+    """Records (sample keys, input-id checksum) of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.trace: list[tuple[list[str], int]] = []
+        self.val_batches = 0
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        self.trace.append((list(batch.sample_keys), checksum(batch)))
+        return (self.w - batch.input_ids.float().mean()) ** 2
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
+        self.val_batches += 1
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lightning_resume_trains_on_exactly_the_uninterrupted_batches(tok, data, tmp_path, num_workers: int) -> None:
+    # ModelCheckpoint after step 3 (Lightning — and with workers, the DataLoader — has prefetched beyond it), a
+    # validation pass at the same step, CFG dropout on: the resumed fit must see the very batches the uninterrupted
+    # one saw after step 3. The overflow buffer outlasts the epoch, so each worker reads its whole stream before its
+    # first batch and packs it first-fit decreasing (like tests/systems/test_unified.py); with 2 workers, step 3
+    # came from worker 0, so worker 1 is due first after the resume.
+    kw = dict(
+        num_workers=num_workers,
+        drop_rates=DROP,
+        overflow_size=64,
+        val_sources=[{"name": "b", "shards": str(data["b"])}],
+    )
+    val = dict(val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=2)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    full = _TraceRecorder()
+    _trainer(max_epochs=1, callbacks=[ckpt_cb], **val).fit(full, datamodule=make_dm(tok, data, **kw))
+    assert full.val_batches > 0 and len(full.trace) > 6
+    ckpt = tmp_path / "epoch=0-step=3.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["DialogueDataModule"]["ranks"]["0"]
+    assert all(p["waiting"] and p["ended"] for p in saved["positions"].values())  # a tail with samples waiting
+    assert saved["last_worker"] == 0
+    resumed = _TraceRecorder()
+    _trainer(max_epochs=1, enable_checkpointing=False, **val).fit(
+        resumed, datamodule=make_dm(tok, data, **kw), ckpt_path=ckpt
+    )
+    assert resumed.trace == full.trace[3:]
+
+
+def _loader_order(lengths: dict[int, int], start: dict[int, int]) -> list[tuple[int, int]]:
+    """(worker, batch index) in a DataLoader's order: round-robin from worker 0 over workers with batches left."""
+    nxt, out = dict(start), []
+    while any(nxt[w] < n for w, n in lengths.items()):
+        for w in sorted(lengths):
+            if nxt[w] < lengths[w]:
+                out.append((w, nxt[w]))
+                nxt[w] += 1
+    return out
+
+
+def test_round_robin_resumes_after_the_last_consumed_worker() -> None:
+    # Workers that end at different times, one with no batch at all: at every cut, a fresh loader's order
+    # (round-robin from worker 0 over what is left) reordered after the last consumed worker = the uninterrupted rest.
+    lengths = {0: 5, 1: 2, 2: 4, 3: 0, 4: 3}
+    full = _loader_order(lengths, {w: 0 for w in lengths})
+    reordered = 0
+    for cut in range(1, len(full)):
+        done = {w: sum(1 for x, _ in full[:cut] if x == w) for w in lengths}
+        fresh = [
+            SimpleNamespace(position=SimpleNamespace(worker=w), tag=(w, i)) for w, i in _loader_order(lengths, done)
+        ]
+        resumed = [x.tag for x in _round_robin_after(iter(fresh), after=full[cut - 1][0])]
+        assert resumed == full[cut:], f"cut after {cut}"
+        reordered += [x.tag for x in fresh] != full[cut:]
+    assert reordered >= 6  # most cuts need the reorder: a fresh loader starts again at worker 0

@@ -18,8 +18,11 @@ and skip counts); this module's ``on_before_batch_transfer`` records them and ha
 
 **Checkpoints.** ``state_dict()`` holds, per rank and worker, the consumed samples of the current epoch (gathered
 from all ranks when ``torch.distributed`` is initialised); ``load_state_dict()`` makes the next epoch iterator of
-the same epoch continue with exactly the samples that were left. A saved position applies only to the same seed,
-shard list, world size and worker count; otherwise a warning says so and the epoch restarts.
+the same epoch continue with exactly the samples that were left — in the same batches, packed and CFG-dropped the
+same way, in the same order as an uninterrupted run (the state also keeps the worker of the last consumed batch: a
+fresh DataLoader's round-robin starts at worker 0, so its batches are reordered to continue after that worker).
+A saved position applies only to the same seed, shard list, world size and worker count; otherwise a warning says
+so and the epoch restarts. Validation has its own stream and never moves the training position.
 
 **Health.** Skips are counted per reason (:class:`~chatumm_kit.data.skips.DataHealth`); at the end of each epoch the
 summary is logged and kept in :attr:`DialogueDataModule.last_epoch_health`; :meth:`DialogueDataModule.health`
@@ -72,16 +75,48 @@ def _identity(x: Any) -> Any:
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that tells its datamodule when an epoch's iterator starts (before workers fork) and ends."""
+    """A DataLoader that tells its datamodule when an epoch's iterator starts (before workers fork) and ends.
 
-    def __init__(self, *args: Any, on_start: Callable[[], None], on_end: Callable[[], None], **kwargs: Any) -> None:
+    ``on_start`` returns the worker whose batch a resumed run consumed last (``None``: a fresh epoch); the batches
+    are then reordered so that the workers' round-robin continues after it (see :func:`_round_robin_after`).
+    """
+
+    def __init__(
+        self, *args: Any, on_start: Callable[[], int | None], on_end: Callable[[], None], **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._on_start = on_start
         self._on_end = on_end
 
     def __iter__(self) -> Iterator[StreamBatch]:  # type: ignore[override]
-        self._on_start()
-        return _EndNotifier(super().__iter__(), self._on_end)
+        last_worker = self._on_start()
+        items = super().__iter__()
+        if last_worker is not None and last_worker < max(1, self.num_workers) - 1:
+            items = _round_robin_after(items, after=last_worker)
+        return _EndNotifier(items, self._on_end)
+
+
+def _round_robin_after(items: Iterator[StreamBatch], *, after: int) -> Iterator[StreamBatch]:
+    """A fresh loader's batches, reordered so the round-robin over workers resumes after worker ``after``.
+
+    A DataLoader hands out its workers' batches round-robin from worker 0 (worker ids rise within a round; a worker
+    whose stream ended drops out). A run checkpointed just after a batch of worker ``after`` would next have taken
+    worker ``after + 1``: so in each round the batches of workers ``<= after`` wait until those of the workers
+    ``> after`` of the same round have gone (at most ``after + 1`` batches wait).
+    """
+    held: list[StreamBatch] = []
+    last = -1
+    for item in items:
+        worker = item.position.worker
+        if worker <= last:  # worker ids stopped rising: the loader started a new round
+            yield from held
+            held = []
+        last = worker
+        if worker <= after:
+            held.append(item)
+        else:
+            yield item
+    yield from held
 
 
 class _EndNotifier:
@@ -206,6 +241,7 @@ class DialogueDataModule(L.LightningDataModule):
         self._epoch: int | None = None
         self._next_epoch = 0
         self._positions: dict[int, DataPosition] = {}
+        self._last_worker: int | None = None  # worker of the last consumed training batch (the round-robin's place)
         self._healths: dict[str, dict[int, DataHealth]] = {"train": {}, "val": {}}
         self._restored: dict[str, Any] | None = None
         self.last_epoch_health: dict[str, DataHealth] = {}
@@ -277,7 +313,7 @@ class DialogueDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
     def _loader(
-        self, stream: DialogueStream, *, on_start: Callable[[], None], on_end: Callable[[], None]
+        self, stream: DialogueStream, *, on_start: Callable[[], int | None], on_end: Callable[[], None]
     ) -> DataLoader:
         return _EpochLoader(
             stream,
@@ -311,18 +347,23 @@ class DialogueDataModule(L.LightningDataModule):
             return int(trainer.current_epoch)
         return self._next_epoch
 
-    def _begin_train_epoch(self) -> None:
+    def _begin_train_epoch(self) -> int | None:
+        """Plan the training epoch; returns the worker whose batch was consumed last before a restored position."""
         assert self.train_stream is not None
         epoch = self._current_train_epoch()
         resume: dict[int, tuple[DataPosition, DataHealth]] = {}
+        last_worker = None
         if self._restored is not None:
-            resume = self._take_restored(epoch)
+            resume, last_worker = self._take_restored(epoch)
         self._epoch, self._next_epoch = epoch, epoch + 1
         self._positions = {w: pos for w, (pos, _) in resume.items()}
         self._healths["train"] = {w: h for w, (_, h) in resume.items()}
+        self._last_worker = last_worker
         self.train_stream.set_plan(epoch=epoch, resume=resume)
+        return last_worker
 
     def _begin_val_epoch(self) -> None:
+        # Validation has its own stream, packer and bookkeeping: it never moves the training position.
         assert self.val_stream is not None
         self._healths["val"] = {}
         self.val_stream.set_plan(epoch=0, resume={})  # validation: the same order every time
@@ -340,6 +381,7 @@ class DialogueDataModule(L.LightningDataModule):
         self._healths.setdefault(item.stage, {})[w] = item.health
         if item.stage == "train":
             self._positions[w] = item.position
+            self._last_worker = w
         return item.batch
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -359,6 +401,7 @@ class DialogueDataModule(L.LightningDataModule):
         own = {
             "positions": {str(w): p.to_dict() for w, p in self._positions.items()},
             "health": {str(w): h.to_dict() for w, h in self._healths["train"].items()},
+            "last_worker": self._last_worker,
         }
         ranks = {str(self.rank): own}
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
@@ -385,7 +428,7 @@ class DialogueDataModule(L.LightningDataModule):
         self._restored = dict(state_dict)
         self._next_epoch = int(state_dict["epoch"])
 
-    def _take_restored(self, epoch: int) -> dict[int, tuple[DataPosition, DataHealth]]:
+    def _take_restored(self, epoch: int) -> tuple[dict[int, tuple[DataPosition, DataHealth]], int | None]:
         state, self._restored = self._restored, None
         assert state is not None
         if self.train_stream is not None and not self._fingerprint:
@@ -403,10 +446,11 @@ class DialogueDataModule(L.LightningDataModule):
             level = logging.INFO if set(diff) == {"epoch"} else logging.WARNING
             logger.log(level, "data position not restored (saved vs now: %s); epoch %d starts from its beginning",
                        diff, epoch)  # fmt: skip
-            return {}
+            return {}, None
         own = state["ranks"].get(str(self.rank), {"positions": {}, "health": {}})
         out = {}
         for w, p in own["positions"].items():
             health = DataHealth.from_dict(own["health"].get(w, {}))
             out[int(w)] = (DataPosition.from_dict(p), health)
-        return out
+        last = own.get("last_worker")
+        return out, (int(last) if last is not None else None)

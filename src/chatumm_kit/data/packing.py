@@ -42,7 +42,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -244,10 +244,17 @@ class Packer:
         *,
         token_budget: int | None = None,
         generator: torch.Generator | None = None,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> PackedBatch:
-        """:meth:`pack` for samples already planned (the batcher plans once to measure, then packs)."""
+        """:meth:`pack` for samples already planned (the batcher plans once to measure, then packs).
+
+        ``generators``: one generator per plan for its CFG draws, in place of the shared ``generator`` — a
+        document's draws then do not depend on the documents packed before it (exact resume, SPEC §4).
+        """
         if not plans:
             raise PackingError("pack: no samples to pack")
+        if generators is not None and len(generators) != len(plans):
+            raise PackingError(f"pack: {len(generators)} generators for {len(plans)} samples")
         if token_budget is not None and (token_budget < 1 or token_budget % self.pad_to_multiple):
             raise PackingError(
                 f"pack: token_budget={token_budget} must be a positive multiple of pad_to_multiple="
@@ -257,7 +264,7 @@ class Packer:
             tokenizer=self.tokenizer, vit_patch_size=self.vit_patch_size, vit_mean=self.vit_mean, vit_std=self.vit_std
         )
         for doc, plan in enumerate(plans):
-            out.add_document(doc, plan, self._keep_mask(plan, generator))
+            out.add_document(doc, plan, self._keep_mask(plan, generators[doc] if generators else generator))
         real = out.length
         if token_budget is not None:
             if real > token_budget:
@@ -327,7 +334,10 @@ class TokenBudgetBatcher:
 
     Checkpointing: :meth:`state_dict` / :meth:`load_state_dict` carry the counters and the keys of the samples
     waiting in the buffer or the open batch at that moment (``pending_keys``); the samples themselves are not
-    saved — a resumable data source can replay them by key.
+    saved — a resumable data source can replay them by key. To continue *exactly* as an uninterrupted pass would
+    after it yielded a batch, call it with ``buffered`` = the samples then waiting (:attr:`pending_keys` at that
+    yield, in arrival order) and ``ended`` = whether its input had run out (the tail is packed differently), and
+    with ``generator_for`` so that each document's CFG draws depend on its key only, not on what was packed before.
 
     Args:
         packer: the :class:`Packer`.
@@ -366,15 +376,32 @@ class TokenBudgetBatcher:
         return min(self.max_sample_tokens, self.token_budget)
 
     def __call__(
-        self, samples: Iterable[DialogueSample], *, generator: torch.Generator | None = None
+        self,
+        samples: Iterable[DialogueSample],
+        *,
+        generator: torch.Generator | None = None,
+        generator_for: Callable[[str], torch.Generator] | None = None,
+        buffered: Sequence[DialogueSample] = (),
+        ended: bool = False,
     ) -> Iterator[PackedBatch]:
+        """Yield packed batches of ``samples``.
+
+        Args:
+            samples: the sample stream.
+            generator: one generator for every CFG draw (``None``: torch's global one).
+            generator_for: sample key → a fresh generator for that document's CFG draws (overrides ``generator``);
+                makes the draws independent of batch grouping and of where a run resumed.
+            buffered / ended: resume right after a batch was yielded: the samples then waiting in the buffer (in
+                arrival order; before any of ``samples``) and whether the input had ended at that point.
+        """
         budget = self.token_budget
         batch: list[DocumentPlan] = []
-        buffer: list[DocumentPlan] = []
+        buffer: list[DocumentPlan] = [self.packer.plan(s) for s in buffered]
         used = 0
 
         def emit() -> PackedBatch:
-            out = self.packer.pack_plans(batch, token_budget=budget, generator=generator)
+            gens = [generator_for(p.key) for p in batch] if generator_for is not None else None
+            out = self.packer.pack_plans(batch, token_budget=budget, generator=generator, generators=gens)
             self.stats.batches += 1
             self.stats.samples += len(batch)
             self.stats.real_tokens += out.num_real_tokens
@@ -390,7 +417,11 @@ class TokenBudgetBatcher:
             buffer[:] = [p for p in buffer if id(p) not in gone]
             return taken, budget - room
 
-        for sample in samples:
+        # A resumed pass starts where the uninterrupted one stood after its yield: about to refill from the buffer.
+        if buffer and not ended:
+            batch, used = refill(list(buffer))
+        self._pending = batch + buffer
+        for sample in () if ended else samples:
             plan = self.packer.plan(sample)
             n = plan.num_tokens
             if n > self.cap:
@@ -408,6 +439,8 @@ class TokenBudgetBatcher:
                 yield out
                 batch, used = refill(list(buffer))  # oldest first: the oldest always fits an empty batch
                 self._pending = batch + buffer
+        if buffer and ended:
+            batch, used = refill(sorted(buffer, key=lambda p: -p.num_tokens))
         while batch or buffer:
             if batch:
                 out = emit()

@@ -25,6 +25,14 @@ replays its stream from the start of the epoch, skipping consumed ordinals befor
 waiting in the packer's buffer at save time come back, none is repeated. The replay re-reads the epoch's bytes up
 to the position (no image decoding).
 
+**Exact resume.** A resumed epoch yields the very batches the uninterrupted one would have: the position also
+records the packer's buffer (``waiting``, in read order) and whether the stream had ended (``ended``: the packer
+packs its tail first-fit decreasing), and the resumed packer starts from that buffer
+(:class:`~chatumm_kit.data.packing.TokenBudgetBatcher`'s ``buffered`` / ``ended``). CFG dropout draws come from a
+generator per sample seeded with ``(seed, epoch, rank, worker, sample key)`` (:meth:`DialogueStream.cfg_generator`),
+never from a running generator, so they do not depend on where a run resumed. (The datamodule restores the
+workers' round-robin order, see :mod:`chatumm_kit.data.datamodule`.)
+
 Each worker holds back its latest batch until the next one is ready, so its last batch carries the final position
 and health (including skips after the last emitted sample).
 
@@ -161,6 +169,10 @@ class DataPosition:
         low: every ordinal ``< low`` is consumed.
         done_above: consumed ordinals ``> low``, sorted (bounded by the packer's overflow buffer).
         batches: batches this worker has emitted in the epoch.
+        waiting: ordinals read but not yet emitted — the packer's buffer right after this batch — in read order.
+            A resumed worker hands them back to the packer as that buffer, so the batches that follow are the
+            ones an uninterrupted run would have packed.
+        ended: the worker had read its whole stream (the packer was packing its tail).
     """
 
     epoch: int
@@ -170,6 +182,8 @@ class DataPosition:
     low: int = 0
     done_above: list[int] = field(default_factory=list)
     batches: int = 0
+    waiting: list[int] = field(default_factory=list)
+    ended: bool = False
 
     def is_done(self, ordinal: int) -> bool:
         return ordinal < self.low or ordinal in self.done_above
@@ -187,6 +201,8 @@ class DataPosition:
             "low": self.low,
             "done_above": list(self.done_above),
             "batches": self.batches,
+            "waiting": list(self.waiting),
+            "ended": self.ended,
         }
 
     @classmethod
@@ -199,6 +215,8 @@ class DataPosition:
             low=int(data["low"]),
             done_above=[int(x) for x in data.get("done_above", [])],
             batches=int(data.get("batches", 0)),
+            waiting=[int(x) for x in data.get("waiting", [])],
+            ended=bool(data.get("ended", False)),
         )
 
 
@@ -222,8 +240,15 @@ class _Progress:
             self.above.discard(self.low)
             self.low += 1
 
-    def snapshot(self) -> DataPosition:
-        return replace(self.start, low=self.low, done_above=sorted(self.above), batches=self.batches)
+    def snapshot(self, *, waiting: list[int], ended: bool) -> DataPosition:
+        return replace(
+            self.start,
+            low=self.low,
+            done_above=sorted(self.above),
+            batches=self.batches,
+            waiting=list(waiting),
+            ended=ended,
+        )
 
 
 @dataclass
@@ -383,6 +408,14 @@ class DialogueStream(IterableDataset):
             yield ordinal, name, raw
 
     # ----------------------------------------------------------------- the worker loop
+    def cfg_generator(self, key: str, *, worker: int) -> torch.Generator:
+        """A fresh generator for the CFG dropout draws of the sample ``key`` read by ``worker`` (SPEC §4).
+
+        A pure function of ``(seed, epoch, rank, worker, key)``; the key names source, shard, sample and ordinal.
+        So a sample's draws do not depend on the batch it lands in, nor on where a resumed run started.
+        """
+        return torch.Generator().manual_seed(_torch_seed(self.seed, self.epoch, self.rank, worker, key, "cfg"))
+
     def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -402,10 +435,11 @@ class DialogueStream(IterableDataset):
             max_sample_tokens=self.max_sample_tokens,
             overflow_size=self.overflow_size,
         )
-        generator = torch.Generator().manual_seed(_torch_seed(self.seed, self.epoch, self.rank, worker, "cfg"))
         pending: dict[str, int] = {}  # sample key → ordinal, for samples handed to the batcher and not yet emitted
+        ended = False  # the raw stream has run out (set by samples(); a resumed tail drains it below)
 
         def samples() -> Iterator[DialogueSample]:
+            nonlocal ended
             for ordinal, name, raw in self._raw_stream(worker, num_workers, health):
                 if progress.is_done(ordinal):
                     continue  # consumed before the checkpoint this run resumed from
@@ -432,16 +466,45 @@ class DialogueStream(IterableDataset):
                     continue
                 pending[key] = ordinal
                 yield sample
+            ended = True
+
+        def position() -> DataPosition:
+            # Samples reach the batcher in ordinal order and its buffer keeps that order: ``pending`` is the buffer.
+            return progress.snapshot(waiting=list(pending.values()), ended=ended)
+
+        stream = samples()
+        # Resume: the replay skips consumed ordinals, so the first samples it delivers are exactly the ones that
+        # waited in the packer's buffer; they go back into the buffer, as they were, before any new sample.
+        buffered = [s for s in (next(stream, None) for _ in start.waiting) if s is not None]
+        replayed = list(pending.values())
+        extra = next(stream, None) if start.ended else None  # a stream that had ended must have nothing left
+        buffered += [extra] if extra is not None else []
+        resume_ended = start.ended and extra is None
+        if replayed != start.waiting or extra is not None:
+            # Only if the shards' bytes changed (the fingerprint checks names and counts): still every sample once,
+            # but the batches differ from the uninterrupted run's.
+            logger.warning(
+                "%s worker %d of rank %d, epoch %d: the replay does not match the saved position (waiting %s, "
+                "ended=%s; replay gives %s): did the shards change since the checkpoint? Batches will differ from "
+                "an uninterrupted run", self.stage, worker, self.rank, self.epoch, start.waiting, start.ended,
+                list(pending.values()),
+            )  # fmt: skip
 
         held: StreamBatch | None = None
-        for batch in batcher(samples(), generator=generator):
+        batches = batcher(
+            stream,
+            generator_for=lambda key: self.cfg_generator(key, worker=worker),
+            buffered=buffered,
+            ended=resume_ended,
+        )
+        for batch in batches:
             for key in batch.sample_keys:
                 if key not in pending:
                     raise RuntimeError(f"data stream: batcher emitted unknown sample key {key!r}")
                 progress.mark(pending.pop(key))
             health.samples_ok += len(batch.sample_keys)
             progress.batches += 1
-            item = StreamBatch(batch=batch, position=progress.snapshot(), health=health.copy(), stage=self.stage)
+            item = StreamBatch(batch=batch, position=position(), health=health.copy(), stage=self.stage)
             if held is not None:
                 yield held
             held = item
@@ -451,9 +514,10 @@ class DialogueStream(IterableDataset):
             for key, ordinal in pending.items():  # the batcher flushes at the end; anything left is counted
                 health.record(SkipReason.NOT_PACKED, shard=key.rsplit("#", 1)[0], message="never emitted in a batch")
                 progress.mark(ordinal)
+            pending.clear()
         if held is not None:
-            yield replace(held, position=progress.snapshot(), health=health.copy())
-        elif health.total_skipped:
+            yield replace(held, position=position(), health=health.copy())
+        elif progress.batches == 0 and health.total_skipped:
             logger.warning(
                 "%s worker %d of rank %d emitted no batch: %s", self.stage, worker, self.rank, health.summary()
             )

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["ExportAutoencoder", "load_autoencoder_file"]
+__all__ = ["ExportAutoencoder", "DataHealthLogger", "GenerationPreview", "load_autoencoder_file"]
 
 
 class ExportAutoencoder(L.Callback):
@@ -58,3 +58,97 @@ def load_autoencoder_file(autoencoder: torch.nn.Module, path: str | Path) -> tup
     if missing or unexpected:
         raise ValueError(f"{path}: autoencoder keys do not match: missing {missing}, unexpected {unexpected}")
     return float(meta.get("scaling_factor", 1.0)), float(meta.get("shift_factor", 0.0))
+
+
+class DataHealthLogger(L.Callback):
+    """Log the datamodule's skip counts (``data/samples_ok``, ``data/skipped``, ``data/skip/<reason>``) every N steps.
+
+    Works with any datamodule that has ``health(stage) -> DataHealth`` (``DialogueDataModule`` does).
+    """
+
+    def __init__(self, *, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        health = getattr(trainer.datamodule, "health", None)
+        if not callable(health) or trainer.global_step % self.every_n_steps:
+            return
+        for key, value in health("train").metrics().items():
+            pl_module.log(key, value, on_step=True, batch_size=1)
+
+
+class GenerationPreview(L.Callback):
+    """Every N steps, answer fixed prompts with the model being trained and log the images as one grid.
+
+    Uses :class:`~chatumm_kit.inference.session.ChatSession`, so the preview goes through exactly the chat path
+    (intent prediction included: a prompt the model answers with text gets a grey tile). The tokenizer is the one
+    named by the system's model spec (``system.model.tokenizer``).
+
+    Args:
+        prompts: user messages, one per tile.
+        every_n_steps: how often (also at the last step).
+        image_size: ``(H, W)`` of generated images.
+        num_steps: Euler steps per image (few: this is a preview).
+        seed: sampler seed, fixed so previews are comparable across steps.
+    """
+
+    def __init__(
+        self,
+        *,
+        prompts: list[str],
+        every_n_steps: int = 200,
+        image_size: tuple[int, int] = (32, 32),
+        num_steps: int = 10,
+        seed: int = 0,
+    ) -> None:
+        self.prompts = list(prompts)
+        self.every_n_steps = every_n_steps
+        self.image_size = tuple(image_size)
+        self.num_steps = num_steps
+        self.seed = seed
+        self._tokenizer = None
+
+    def _tokenizer_of(self, pl_module: L.LightningModule):
+        from chatumm_kit.components.tokenizer import ChatTokenizer
+
+        if self._tokenizer is None:
+            path = (getattr(pl_module.hparams, "model", None) or {}).get("tokenizer")
+            self._tokenizer = ChatTokenizer.from_file(path) if path else None
+        return self._tokenizer
+
+    @torch.no_grad()
+    def render(self, model: torch.nn.Module, tokenizer) -> torch.Tensor:
+        """``[len(prompts), 3, H, W]`` uint8: the first image of each reply, grey when the model answered in text."""
+        from chatumm_kit.inference.chat_cli import session_config_for
+        from chatumm_kit.inference.sampler import SamplerConfig
+        from chatumm_kit.inference.session import ChatSession
+
+        was_training = model.training
+        model.eval()
+        tiles = []
+        try:
+            config = session_config_for(model, image_size=self.image_size)
+            sampler = SamplerConfig(num_steps=self.num_steps, seed=self.seed)
+            for prompt in self.prompts:
+                session = ChatSession(model=model, tokenizer=tokenizer, config=config)
+                session.add_user(text=prompt)
+                reply = session.respond(sampler=sampler, max_new_tokens=16, max_segments=2)
+                tile = reply.images[0] if reply.images else torch.full((3, *self.image_size), 128, dtype=torch.uint8)
+                tiles.append(tile.cpu())
+        finally:
+            model.train(was_training)
+        return torch.stack(tiles)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        last = trainer.max_steps is not None and step >= trainer.max_steps
+        if trainer.global_rank != 0 or (step % self.every_n_steps and not last):
+            return
+        experiment = getattr(trainer.logger, "experiment", None)
+        tokenizer = self._tokenizer_of(pl_module)
+        if experiment is None or not hasattr(experiment, "add_image") or tokenizer is None:
+            return
+        from torchvision.utils import make_grid
+
+        grid = make_grid(self.render(pl_module.model, tokenizer), nrow=len(self.prompts), padding=1, pad_value=0)
+        experiment.add_image("preview/generated", grid, step)
