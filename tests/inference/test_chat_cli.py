@@ -1,0 +1,80 @@
+"""`chatumm chat`: scripted and interactive chats against a trained checkpoint; the training preview callback."""
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from torchvision.io import write_png
+
+from chatumm_kit.cli import main
+from chatumm_kit.eval import load_checkpoint
+from chatumm_kit.inference.chat_cli import interactive, session_config_for
+from chatumm_kit.inference.sampler import SamplerConfig
+from chatumm_kit.inference.session import ChatSession
+from chatumm_kit.training.callbacks import GenerationPreview
+
+
+def test_scripted_chat_writes_one_record_per_reply(trained_checkpoint, tmp_path, capsys):
+    image = tmp_path / "in.png"
+    write_png(torch.full((3, 32, 32), 255, dtype=torch.uint8), str(image))
+    script = tmp_path / "dialogue.jsonl"
+    script.write_text(
+        json.dumps({"user": "Draw a large red circle in the center."})
+        + "\n# a comment line\n"
+        + json.dumps({"user": "What colour is the circle?", "images": ["in.png"], "respond": {"max_segments": 1}})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    code = main(["chat", str(trained_checkpoint), "--script", str(script), "--out", str(out), "--steps", "2"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert [r["turn"] for r in records] == [1, 3]
+    for r in records:
+        assert r["intents"][0] in ("text", "image")
+        assert all(Path(p).is_file() and Path(p).parent == out for p in r["images"])
+        assert ("image" in r["intents"]) == bool(r["images"])
+
+
+def test_bad_script_and_missing_checkpoint_exit_2(trained_checkpoint, tmp_path, capsys):
+    script = tmp_path / "bad.jsonl"
+    script.write_text('{"user": "hi"}\n{"usr": "typo"}\n')
+    assert main(["chat", str(trained_checkpoint), "--script", str(script), "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "script line 1: unknown keys ['usr']" in capsys.readouterr().err
+    assert main(["chat", str(tmp_path / "nope.ckpt")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_interactive_loop_attaches_images_rolls_back_and_quits(trained_checkpoint, tmp_path):
+    loaded = load_checkpoint(trained_checkpoint)
+    session = ChatSession(
+        model=loaded.model, tokenizer=loaded.tokenizer, config=session_config_for(loaded.model, image_size=(32, 32))
+    )
+    image = tmp_path / "pic.png"
+    write_png(torch.zeros((3, 32, 32), dtype=torch.uint8), str(image))
+    lines = [f"/image {image}", "what is in this picture?", "/image missing.png", "/rollback 0", "/quit", "never read"]
+    out = io.StringIO()
+    interactive(
+        session,
+        sampler=SamplerConfig(num_steps=2, seed=0),
+        out=tmp_path / "imgs",
+        lines=lines,
+        write=out,
+        respond_kwargs={"max_new_tokens": 4},
+    )
+    text = out.getvalue()
+    assert f"attached {image}" in text
+    assert "assistant" in text  # a text or an image reply was printed
+    assert "error: no such image: missing.png" in text
+    assert "rolled back to before turn 0" in text
+    assert session.num_turns == 0
+
+
+def test_generation_preview_renders_one_tile_per_prompt_deterministically(trained_checkpoint):
+    loaded = load_checkpoint(trained_checkpoint)
+    preview = GenerationPreview(prompts=["Draw a red circle.", "Draw a blue square."], num_steps=2, seed=3)
+    a = preview.render(loaded.model, loaded.tokenizer)
+    b = preview.render(loaded.model, loaded.tokenizer)
+    assert a.shape == (2, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert not loaded.model.training  # load_checkpoint returns eval mode and render restores it
