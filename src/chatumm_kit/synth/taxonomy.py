@@ -345,10 +345,7 @@ class SynthReport:
 
     def plot(self, path: str | Path) -> None:
         """A 2×3 panel chart: the four marginals (achieved vs target), distances, turns per dialogue."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure  # Figure directly: no pyplot global state, safe in threads
+        from matplotlib.figure import Figure  # Figure directly: no pyplot, no backend switch, safe in threads
 
         fig = Figure(figsize=(13, 7), dpi=80)
         axes = fig.subplots(2, 3).ravel()
