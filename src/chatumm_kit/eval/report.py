@@ -191,10 +191,7 @@ class BenchmarkReport:
 
     def plot(self, path: str | Path) -> None:
         """Accuracy vs dependency distance for :data:`PLOT_METRICS` (one line per model) and SR@k vs k."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure  # no pyplot global state
+        from matplotlib.figure import Figure  # no pyplot global state, no backend switch
         from matplotlib.ticker import MaxNLocator
 
         keys = self.distance_keys()
