@@ -146,20 +146,9 @@ def chatumm_bagel_7b(
 
 def flux_autoencoder_kwargs() -> dict[str, Any]:
     """``AutoencoderKL`` arguments of the FLUX VAE (8× downsampling, 16 latent channels, no quant convs)."""
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [128, 256, 512, 512],
-        "layers_per_block": 2,
-        "latent_channels": 16,
-        "norm_num_groups": 32,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "scaling_factor": 0.3611,
-        "shift_factor": 0.1159,
-    }
+    from chatumm_kit.convert.flux_vae import FLUX_VAE_KWARGS
+
+    return dict(FLUX_VAE_KWARGS)
 
 
 def chatumm_bagel(**kwargs: Any) -> ChatUMM:

@@ -12,40 +12,34 @@ from pathlib import Path
 __all__ = ["ensure_trained", "ensure_synthesised", "ensure_tokenizer", "dialogue_texts"]
 
 
-def ensure_trained(*, recipe: str, artifact: str, overrides: list[str] | None = None) -> Path:
-    """Run ``chatumm train RECIPE OVERRIDES`` unless ``artifact`` exists; return the artifact path."""
+def _ensure(*, kind: str, recipe: str, artifact: str, overrides: list[str] | None, run) -> Path:
     from chatumm_kit.config import load_recipe, validate_recipe
-    from chatumm_kit.training.run import run_training
 
     path = Path(artifact)
     if path.exists():
         print(f"prepare: reusing {path}")
         return path
-    print(f"prepare: {path} is missing, running recipe {recipe}")
+    print(f"prepare: {path} is missing, running chatumm {kind} {recipe}")
     cfg = load_recipe(recipe, overrides or [])
     validate_recipe(cfg)
-    run_training(cfg)
+    run(cfg)
     if not path.exists():
         raise FileNotFoundError(f"prepare: recipe {recipe} finished but did not produce {path}")
     return path
+
+
+def ensure_trained(*, recipe: str, artifact: str, overrides: list[str] | None = None) -> Path:
+    """Run ``chatumm train RECIPE OVERRIDES`` unless ``artifact`` exists; return the artifact path."""
+    from chatumm_kit.training.run import run_training
+
+    return _ensure(kind="train", recipe=recipe, artifact=artifact, overrides=overrides, run=run_training)
 
 
 def ensure_synthesised(*, recipe: str, artifact: str, overrides: list[str] | None = None) -> Path:
     """Run ``chatumm synth RECIPE OVERRIDES`` unless ``artifact`` (e.g. the shard ``index.json``) exists."""
-    from chatumm_kit.config import load_recipe, validate_recipe
     from chatumm_kit.synth.pipeline import run_synth
 
-    path = Path(artifact)
-    if path.exists():
-        print(f"prepare: reusing {path}")
-        return path
-    print(f"prepare: {path} is missing, running recipe {recipe}")
-    cfg = load_recipe(recipe, overrides or [])
-    validate_recipe(cfg)
-    run_synth(cfg)
-    if not path.exists():
-        raise FileNotFoundError(f"prepare: recipe {recipe} finished but did not produce {path}")
-    return path
+    return _ensure(kind="synth", recipe=recipe, artifact=artifact, overrides=overrides, run=run_synth)
 
 
 def dialogue_texts(shards: str | list[str]):
