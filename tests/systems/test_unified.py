@@ -102,3 +102,43 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data_dir):
     assert full.keys() == resumed.keys()
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_run_killed_with_sigkill_resumes_as_if_it_had_not_stopped(tmp_path, data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full = _recipe(tmp_path, data_dir, "full6")
+    assert main(["train", str(full), "trainer.max_steps=6", "system.schedule.total_steps=6"]) == 0
+    expected, _ = _weights(tmp_path / "full6" / "checkpoints" / "last.ckpt")
+
+    killed = _recipe(tmp_path, data_dir, "killed")
+    args = ["trainer.max_steps=6", "system.schedule.total_steps=6"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatumm_kit", "train", str(killed), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    target = tmp_path / "killed" / "checkpoints" / "epoch=0-step=2.ckpt"
+    deadline = time.monotonic() + 120
+    size = -1
+    while proc.poll() is None and time.monotonic() < deadline:  # wait for the step-2 checkpoint to be written
+        now = target.stat().st_size if target.exists() else -1
+        if now > 0 and now == size:
+            break
+        size = now
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # lands somewhere in steps 3-6
+    proc.wait()
+    assert target.exists()
+
+    assert main(["train", str(killed), *args, "resume_from=last"]) == 0
+    resumed, raw = _weights(tmp_path / "killed" / "checkpoints" / "last.ckpt")
+    assert raw["global_step"] == 6
+    for k in expected:
+        torch.testing.assert_close(resumed[k], expected[k], rtol=0, atol=1e-6, msg=k)
