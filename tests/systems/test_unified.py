@@ -142,3 +142,32 @@ def test_a_run_killed_with_sigkill_resumes_as_if_it_had_not_stopped(tmp_path, da
     assert raw["global_step"] == 6
     for k in expected:
         torch.testing.assert_close(resumed[k], expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_validation_losses_are_token_weighted_means_over_all_batches(tmp_path, data_dir, capsys):
+    from omegaconf import OmegaConf
+
+    from chatumm_kit.config import instantiate, load_recipe
+    from chatumm_kit.eval import load_checkpoint
+    from chatumm_kit.systems.unified import ChatUMMSystem
+
+    recipe = _recipe(tmp_path, data_dir, "val")
+    overrides = ["trainer.max_steps=2", "trainer.limit_val_batches=2", "trainer.val_check_interval=2"]
+    assert main(["train", str(recipe), *overrides, "~trainer.callbacks.1"]) == 0  # no EMA: raw weights
+    printed = {
+        line.split(":")[0].strip(): float(line.split(":")[1])
+        for line in capsys.readouterr().out.splitlines()
+        if line.strip().startswith("val/")
+    }
+    model = load_checkpoint(tmp_path / "val" / "checkpoints" / "last.ckpt", use_ema=False).model
+    cfg = load_recipe(recipe)
+    dm = instantiate(cfg.data, path="data")
+    dm.setup("validate")
+    system = ChatUMMSystem(model=OmegaConf.to_container(cfg.system.model), seed=0)
+    sums = torch.zeros(4, dtype=torch.float64)
+    with torch.no_grad():
+        for i, item in zip(range(2), dm.val_dataloader()):
+            out = model(dm.consume(item), generator=system._step_generator(-1 - i))
+            sums += torch.tensor([float(out.ce_sum), out.ce_count, float(out.mse_sum), out.mse_count])
+    assert printed["val/ce"] == pytest.approx(float(sums[0] / sums[1]), abs=2e-4)
+    assert printed["val/mse"] == pytest.approx(float(sums[2] / sums[3]), abs=2e-4)

@@ -77,6 +77,7 @@ class ChatUMMSystem(L.LightningModule):
         self.save_hyperparameters()
         self.model: ChatUMM | None = None
         self._last_step_time: float | None = None
+        self._val_sums = torch.zeros(4, dtype=torch.float64)
 
     @staticmethod
     def check_recipe_arguments(kwargs: dict[str, Any]) -> list[str]:
@@ -131,15 +132,10 @@ class ChatUMMSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": kinds[kind](**sched).lightning_config(opt)}
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: PackedBatch, *, stage: str, generator: torch.Generator | None = None):
+    def training_step_terms(self, batch: PackedBatch, *, generator: torch.Generator | None = None):
+        """Forward + objective for one batch (the maths lives in :mod:`chatumm_kit.training.losses`)."""
         out = self.model(batch, generator=generator)
-        terms = objective(out, ce_weight=self.hparams.ce_weight, mse_weight=self.hparams.mse_weight)
-        on_step = stage == "train"
-        log = dict(on_step=on_step, on_epoch=not on_step, sync_dist=True, reduce_fx="sum", batch_size=1)
-        self.log(f"{stage}/ce", terms.ce, prog_bar=True, **log)
-        self.log(f"{stage}/mse", terms.mse, prog_bar=True, **log)
-        self.log(f"{stage}/loss", terms.ce * self.hparams.ce_weight + terms.mse * self.hparams.mse_weight, **log)
-        return terms
+        return out, objective(out, ce_weight=self.hparams.ce_weight, mse_weight=self.hparams.mse_weight)
 
     def _step_generator(self, offset: int) -> torch.Generator:
         # Noise draws depend only on (seed, step, rank), so a resumed run continues exactly as if uninterrupted.
@@ -147,7 +143,12 @@ class ChatUMMSystem(L.LightningModule):
         return torch.Generator().manual_seed(seed)
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
-        terms = self._shared_step(batch, stage="train", generator=self._step_generator(self.global_step))
+        _, terms = self.training_step_terms(batch, generator=self._step_generator(self.global_step))
+        # ce/mse are this rank's share of the global mean: summed over ranks they are the global mean.
+        log = dict(on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum", batch_size=1)
+        self.log("train/ce", terms.ce, prog_bar=True, **log)
+        self.log("train/mse", terms.mse, prog_bar=True, **log)
+        self.log("train/loss", self.hparams.ce_weight * terms.ce + self.hparams.mse_weight * terms.mse, **log)
         self.log("train/packing_efficiency", batch.packing_efficiency, on_step=True, batch_size=1)
         now = time.perf_counter()
         if self._last_step_time is not None:
@@ -160,9 +161,22 @@ class ChatUMMSystem(L.LightningModule):
             self._log_mask_image(batch)
         return terms.total
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         # Fixed noise per validation batch so validation loss is comparable across evaluations.
-        self._shared_step(batch, stage="val", generator=self._step_generator(-1 - batch_idx))
+        out = self.model(batch, generator=self._step_generator(-1 - batch_idx))
+        sums = torch.tensor([float(out.ce_sum), out.ce_count, float(out.mse_sum), out.mse_count], dtype=torch.float64)
+        self._val_sums += sums.to(self._val_sums.device)
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted means over every validation batch of every rank (SPEC §4 normalisation).
+        ce_sum, ce_n, mse_sum, mse_n = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        ce, mse = ce_sum / max(ce_n, 1.0), mse_sum / max(mse_n, 1.0)
+        self.log("val/ce", ce, prog_bar=True, batch_size=1)
+        self.log("val/mse", mse, prog_bar=True, batch_size=1)
+        self.log("val/loss", self.hparams.ce_weight * ce + self.hparams.mse_weight * mse, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         from lightning.pytorch.utilities import grad_norm
