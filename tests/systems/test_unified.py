@@ -84,6 +84,8 @@ def test_train_prepares_data_and_tokenizer_then_trains(tmp_path, data_dir, capsy
     state, raw = _weights(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert raw["global_step"] == 4
     assert any(k.startswith("model.backbone.layers.0.self_attn.q_proj_moe_gen") for k in state)
+    # files named by the model spec are stored absolute, so the checkpoint loads from any working directory
+    assert raw["hyper_parameters"]["model"]["tokenizer"] == str((data_dir / "tokenizer").resolve())
     # a second run reuses the prepared data instead of synthesising again
     assert main(["train", str(_recipe(tmp_path, data_dir, "again")), "trainer.max_steps=1"]) == 0
     assert "prepare: reusing" in capsys.readouterr().out

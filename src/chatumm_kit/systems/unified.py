@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,6 +30,8 @@ from chatumm_kit.model import ChatUMM
 from chatumm_kit.training.losses import objective
 
 __all__ = ["FreezeSpec", "ChatUMMSystem"]
+
+_SPEC_PATH_KEYS = frozenset({"tokenizer", "vae_weights", "path"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ class ChatUMMSystem(L.LightningModule):
         from chatumm_kit.presets import check_model_spec
 
         check_model_spec(model)  # fail at construction, naming the bad key, not after data is ready
+        # Files the spec names are stored as absolute paths, so a checkpoint loads from any working directory.
+        model = {
+            k: str(Path(v).resolve()) if k in _SPEC_PATH_KEYS and isinstance(v, str) else v for k, v in model.items()
+        }
         self.freeze = FreezeSpec(**(freeze or {}))
         self.save_hyperparameters()
         self.model: ChatUMM | None = None
