@@ -8,6 +8,7 @@ import torch
 from chatumm_kit.data.shapes import Scene, ShapeObject, WorldConfig, render
 from chatumm_kit.eval import (
     BenchmarkReport,
+    Breakdown,
     DatasetSummary,
     ExpectedTurn,
     FreeRun,
@@ -129,6 +130,10 @@ def test_aggregate_by_distance_turn_and_task_has_exact_means():
     assert agg.by_turn["1"].mean("success") == 0.5 and agg.by_turn["2"].mean("success") == 0.0
     assert agg.by_task["understand"].mean("vqa") == 0.75 and agg.by_task["edit"].mean("image_exact") == 0.0
     assert TurnAggregate.from_dict(json.loads(json.dumps(agg.to_dict()))) == agg
+    # merging distance buckets weighs every turn the same: (3 right VQA + 0.45·2 image) over their own counts
+    both = Breakdown.merged([d0, d2])
+    assert both.mean("vqa") == 0.75 and both.stats["intent"].count == 6
+    assert both.mean("success") == pytest.approx(3 / 6) and both.mean("image_attr") == pytest.approx(0.45)
     with pytest.raises(KeyError, match="unknown metric"):
         agg.overall.mean("accuracy")
 
@@ -180,6 +185,9 @@ def test_report_round_trips_through_json_and_draws_a_png(tmp_path):
     table = report.summary_table(max_k=3).splitlines()
     assert table[0].split()[:3] == ["model", "success", "intent"]
     assert table[2].split()[0] == "single_turn" and table[2].split()[-2:] == ["0.000", "0.000"]  # SR@2, SR@3
+    head = table[0].split()
+    assert head[8:11] == ["intent@d>=2", "vqa@d>=2", "image_attr@d>=2"]
+    assert table[2].split()[head.index("vqa@d>=2")] == "0.000"  # single_turn's only distant turn: distance 4
 
 
 def test_turn_score_round_trip_keeps_attribute_scores():

@@ -286,6 +286,18 @@ class Breakdown:
         return {k: v.to_dict() for k, v in self.stats.items()}
 
     @classmethod
+    def merged(cls, parts: Iterable[Breakdown]) -> Breakdown:
+        """One breakdown over the turns of all ``parts`` (totals and counts added, so means are turn-weighted)."""
+        out = cls()
+        for part in parts:
+            for name, stat in part.stats.items():
+                acc = out.stats.setdefault(name, MetricStat())
+                acc.total += stat.total
+                acc.count += stat.count
+        out.stats = {k: out.stats[k] for k in METRICS if k in out.stats}
+        return out
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Breakdown:
         unknown = sorted(set(d) - set(METRICS))
         if unknown:
