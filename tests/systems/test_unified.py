@@ -58,6 +58,15 @@ trainer:
       decay: 0.5
 """
 
+REPORT = """\
+report:
+  - _component_: chatumm_kit.eval.cli.summarise
+    recipe: shapes/eval
+    name: tiny
+    overrides: ["vars.data_dir={data}/eval", "vars.num_dialogues=2", "heldout.shard_size=2",
+                "benchmark.max_dialogues=1", "benchmark.reply.sampler.num_steps=1", "output_dir={out}/eval"]
+"""
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -76,8 +85,13 @@ def _weights(ckpt):
 
 
 def test_train_prepares_data_and_tokenizer_then_trains(tmp_path, data_dir, capsys):
-    assert main(["train", str(_recipe(tmp_path, data_dir))]) == 0
+    recipe = _recipe(tmp_path, data_dir)
+    recipe.write_text(recipe.read_text() + REPORT.format(data=data_dir, out=tmp_path / "run"))
+    assert main(["train", str(recipe)]) == 0
     out = capsys.readouterr().out
+    # the report step evaluated the final checkpoint on the held-out set and printed the summary
+    assert (tmp_path / "run" / "eval" / "eval_report.json").exists()
+    assert "vqa@d>=2" in out and "eval: 1 dialogues" in out
     assert (data_dir / "train" / "index.json").exists() and (data_dir / "tokenizer" / "tokenizer.json").exists()
     assert f"checkpoint: {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in out
     assert "val/ce:" in out and "train/mse:" in out

@@ -11,8 +11,8 @@ An eval recipe (``recipes/shapes/eval.yaml``) has these top-level keys:
 * ``prepare`` — optional steps built first (e.g. ``ensure_trained`` for a missing checkpoint);
 * ``seed``, ``output_dir``, ``vars`` and any other key as a place for shared nodes (``phrasing``).
 
-The lead registers it in :data:`chatumm_kit.cli.COMMANDS` as
-``Command("evaluate models on held-out dialogues: chatumm eval RECIPE", add_arguments, run)``.
+:func:`summarise` evaluates one checkpoint with an eval recipe's held-out set and settings; training recipes call
+it as a ``report`` step, so the main job ends with the benchmark's summary.
 
 Example:
     >>> run(argparse.Namespace(recipe="shapes/eval", overrides=["benchmark.max_dialogues=20"]))  # doctest: +SKIP
@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, load_recipe, validate_recipe
 
-__all__ = ["add_arguments", "run", "run_eval", "REPORT_STEM"]
+__all__ = ["add_arguments", "run", "run_eval", "summarise", "REPORT_STEM"]
 
 REPORT_STEM = "eval_report"
 
@@ -103,3 +103,13 @@ def run_eval(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_
     print(report.summary_table())
     print(f"eval: {report.data.num_dialogues} dialogues, {report.data.num_turns} turns; report: {js}; chart: {png}")
     return report
+
+
+def summarise(*, checkpoint: str, recipe: str = "shapes/eval", name: str = "model", overrides: list[str] | None = None):
+    """Evaluate one checkpoint with ``recipe``'s held-out set and settings (its ``models`` and ``prepare`` are
+    replaced) and print the summary; a training recipe's ``report`` step (called with the final ``checkpoint``)."""
+    cfg = load_recipe(recipe, overrides or [])
+    cfg.models = {name: checkpoint}
+    cfg.prepare = []
+    validate_recipe(cfg)
+    return run_eval(cfg)

@@ -10,7 +10,9 @@ A training recipe has these top-level keys:
 * ``system`` — the ``LightningModule``;
 * ``data`` — the ``LightningDataModule`` (optional when the system brings its own loaders);
 * ``trainer`` — keyword arguments of ``lightning.Trainer`` (a ``_component_`` node of its own is allowed too);
-* ``resume_from`` — ``null``, ``last`` (newest checkpoint in ``output_dir``) or a checkpoint path.
+* ``resume_from`` — ``null``, ``last`` (newest checkpoint in ``output_dir``) or a checkpoint path;
+* ``report`` — steps built after training with the final ``checkpoint=`` path (e.g. the benchmark summary,
+  :func:`chatumm_kit.eval.cli.summarise`).
 
 Example:
     >>> run_training(load_recipe("shapes/chat_tiny"))  # doctest: +SKIP
@@ -120,4 +122,7 @@ def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLO
         print(f"checkpoint: {result.last_checkpoint}")
     for k, v in sorted(metrics.items()):
         print(f"  {k}: {v:.4f}")
+    if result.last_checkpoint is not None and trainer.is_global_zero:
+        for i, step in enumerate(cfg.get("report") or []):
+            instantiate(step, allowed_roots=allowed, path=f"report[{i}]", checkpoint=str(result.last_checkpoint))
     return result
