@@ -24,12 +24,14 @@ def test_scripted_chat_writes_one_record_per_reply(trained_checkpoint, tmp_path,
         + "\n# a comment line\n"
         + json.dumps({"user": "What colour is the circle?", "images": ["in.png"], "respond": {"max_segments": 1}})
         + "\n"
+        + json.dumps({"user": "Now make the first circle blue."})
+        + "\n"
     )
     out = tmp_path / "out"
     code = main(["chat", str(trained_checkpoint), "--script", str(script), "--out", str(out), "--steps", "2"])
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
-    assert [r["turn"] for r in records] == [1, 3]
+    assert [r["turn"] for r in records] == [1, 3, 5]  # user turns 0, 2, 4 (line 2: its image, then its text)
     for r in records:
         assert r["intents"][0] in ("text", "image")
         assert all(Path(p).is_file() and Path(p).parent == out for p in r["images"])

@@ -97,6 +97,8 @@ def test_train_prepares_data_and_tokenizer_then_trains(tmp_path, data_dir, capsy
     assert "val/ce:" in out and "train/mse:" in out
     state, raw = _weights(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert raw["global_step"] == 4
+    assert "ChatUMMSystem" in raw["recipe"] and "max_steps: 4" in raw["recipe"]  # the resolved recipe travels along
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == raw["recipe"]
     assert any(k.startswith("model.backbone.layers.0.self_attn.q_proj_moe_gen") for k in state)
     # files named by the model spec are stored absolute, so the checkpoint loads from any working directory
     assert raw["hyper_parameters"]["model"]["tokenizer"] == str((data_dir / "tokenizer").resolve())

@@ -8,7 +8,20 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["ExportAutoencoder", "DataHealthLogger", "GenerationPreview", "load_autoencoder_file"]
+__all__ = ["ExportAutoencoder", "DataHealthLogger", "GenerationPreview", "RecipeInCheckpoint", "load_autoencoder_file"]
+
+
+class RecipeInCheckpoint(L.Callback):
+    """Store the resolved recipe (YAML text) in every checkpoint under ``"recipe"``: a checkpoint says how it was made.
+
+    ``chatumm train`` adds it to every run.
+    """
+
+    def __init__(self, *, recipe: str) -> None:
+        self.recipe = recipe
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["recipe"] = self.recipe
 
 
 class ExportAutoencoder(L.Callback):

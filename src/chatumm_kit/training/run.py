@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate
+from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, to_yaml
 
 __all__ = ["TRAIN_KEYS", "TrainingResult", "run_training", "resolve_resume"]
 
@@ -102,6 +102,11 @@ def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLO
         raise RecipeError(f"system: built {type(system).__name__}, expected a lightning.LightningModule")
     data = instantiate(cfg.data, allowed_roots=allowed, path="data") if cfg.get("data") is not None else None
     trainer = _build_trainer(cfg.trainer, output_dir, allowed)
+    from chatumm_kit.training.callbacks import RecipeInCheckpoint
+
+    recipe_text = to_yaml(cfg)
+    (output_dir / "recipe.yaml").write_text(recipe_text)  # how this run was made, next to its logs
+    trainer.callbacks.append(RecipeInCheckpoint(recipe=recipe_text))
     ckpt_dir = (
         Path(trainer.checkpoint_callback.dirpath)
         if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath
