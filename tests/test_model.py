@@ -138,3 +138,25 @@ def test_model_spec_errors_name_the_key():
         check_model_spec({"preset": "chatumm_tiny", "hiden_size": 3})
     with pytest.raises(ValueError, match="model.preset: unknown preset 'nope'"):
         check_model_spec({"preset": "nope"})
+
+
+def test_system_freeze_switches_decide_which_parts_get_gradients(tokenizer, batch):
+    from chatumm_kit.systems.unified import ChatUMMSystem
+
+    spec = {"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size}
+    frozen = ChatUMMSystem(model=spec, freeze={"vit": True, "understanding": True})
+    frozen.configure_model()
+    out = frozen.model(batch)
+    (out.ce_loss + out.mse_loss).backward()
+    m = frozen.model
+    assert m.vit.patch_embedding.weight.grad is None and m.backbone.embed_tokens.weight.grad is None
+    assert m.backbone.layers[0].mlp.up_proj.weight.grad is None
+    assert m.backbone.layers[0].mlp_moe_gen.up_proj.weight.grad is not None
+    assert all(p.grad is None for p in m.vae.autoencoder.parameters())  # the VAE is frozen by default
+
+    unfrozen = ChatUMMSystem(model=spec, freeze={"vae": False})
+    unfrozen.configure_model()
+    out = unfrozen.model(batch)
+    (out.ce_loss + out.mse_loss).backward()
+    enc = unfrozen.model.vae.autoencoder.encoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())

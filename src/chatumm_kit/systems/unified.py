@@ -80,6 +80,7 @@ class ChatUMMSystem(L.LightningModule):
         model = {
             k: str(Path(v).resolve()) if k in _SPEC_PATH_KEYS and isinstance(v, str) else v for k, v in model.items()
         }
+        init_from = str(Path(init_from).resolve()) if init_from else None
         self.freeze = FreezeSpec(**(freeze or {}))
         self.save_hyperparameters()
         self.model: ChatUMM | None = None
@@ -121,6 +122,8 @@ class ChatUMMSystem(L.LightningModule):
     def _apply_freeze(self, model: ChatUMM) -> None:
         if self.freeze.vit:
             model.vit.requires_grad_(False)
+        # The flow loss can fine-tune the autoencoder's encoder too (its encode then keeps the graph).
+        model.vae.freeze_autoencoder = self.freeze.vae
         model.vae.autoencoder.requires_grad_(not self.freeze.vae)
         if self.freeze.understanding:
             for module in model.backbone.understanding_modules(include_shared=True):
