@@ -238,7 +238,7 @@ def backbone_step(
 
     def step() -> None:
         flex = config.attn_backend == "flex"
-        mask = builder.block_mask(table, device=device) if flex else builder.dense(table, device=device)
+        mask = builder.block_mask(table, device=device) if flex else builder.documents(table, device=device)
         out = mot(hidden, position_ids=pos, und_indices=und, gen_indices=gen, attn_mask=mask)
         opt.zero_grad(set_to_none=True)
         out.float().pow(2).mean().backward()

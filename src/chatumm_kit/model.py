@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from chatumm_kit.components.masks import MaskBuilder
+from chatumm_kit.components.masks import DocumentMask, MaskBuilder
 from chatumm_kit.components.mot import MoTBackbone
 from chatumm_kit.components.vae import VAELatentHead
 from chatumm_kit.components.vit import ViTEncoder
@@ -154,11 +155,16 @@ class ChatUMM(nn.Module):
             hidden = hidden.index_copy(0, batch.vae_indices, vae_tokens.to(hidden.dtype))
         return hidden, x0, target
 
-    def attention_mask(self, batch: PackedBatch):
-        """The GCA mask for the backbone's attention backend, built once per batch (shared by all layers)."""
+    def attention_mask(self, batch: PackedBatch) -> BlockMask | DocumentMask:
+        """The GCA mask for the backbone's attention backend, built once per batch (shared by all layers).
+
+        ``"flex"``: a ``BlockMask``. ``"sdpa"``: a ``DocumentMask`` — each document's own diagonal block, never the
+        ``[L, L]`` mask, so the backbone attends document by document (SPEC §3 rule 1: documents never see each
+        other, so a packed sequence costs Σ n_d² attention pairs, not L²).
+        """
         if self.backbone.config.attn_backend == "flex":
             return self.mask_builder.block_mask(batch.splits, device=batch.input_ids.device)
-        return self.mask_builder.dense(batch.splits).to(batch.input_ids.device)
+        return self.mask_builder.documents(batch.splits, device=batch.input_ids.device)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -55,6 +55,14 @@ def test_interpolation_and_overrides(tmp_path):
     assert "in_features: 5" in to_yaml(cfg)
 
 
+def test_overrides_reach_integer_mapping_keys_and_list_items(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("targets:\n  distance: {0: 0.5, 2: 0.25, 8: 0.25}\nstages: [{k: 1}, {k: 2}]\n")
+    cfg = load_recipe(f, ["targets.distance.0=0.3", "~targets.distance.8", "stages.1.k=5"])
+    assert OmegaConf.to_container(cfg.targets.distance) == {0: 0.3, 2: 0.25}  # int keys stay ints, no "0" added
+    assert cfg.stages[1].k == 5
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

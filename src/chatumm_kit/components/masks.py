@@ -15,11 +15,13 @@ Since splits are contiguous, rules 2 and 3 collapse to two disjoint cases (plus 
 ``mask_mod`` and :meth:`MaskBuilder.dense` evaluate this per token pair from four ``[L]`` lookups; the block
 structure of :meth:`MaskBuilder.block_mask` follows from the same two cases as intervals over blocks.
 
-Three forms of the same mask:
+Four forms of the same mask:
 
 * :meth:`MaskBuilder.block_mask` — a flex-attention ``BlockMask`` whose block structure comes from interval
   arithmetic over the splits (O(L + blocks²), never O(L²)); ``mask_mod`` runs only inside partial blocks;
-* :meth:`MaskBuilder.dense` — a ``[L, L]`` bool mask for SDPA (CPU fallback);
+* :meth:`MaskBuilder.documents` — a :class:`DocumentMask`: by rule 1 the mask is block-diagonal over documents,
+  so it keeps only each document's own ``[n_d, n_d]`` block (O(Σ n_d²)); SDPA then attends document by document;
+* :meth:`MaskBuilder.dense` — a ``[L, L]`` bool mask for SDPA (CPU fallback, KV-cache chunks);
 * :func:`reference_mask` — the rules applied literally in a Python double loop (tests only).
 
 Example:
@@ -48,7 +50,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from chatumm_kit.components.splits import AttnMode, Modality, SplitTable
 
-__all__ = ["MaskBuilder", "reference_mask"]
+__all__ = ["DocumentMask", "MaskBuilder", "reference_mask"]
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -103,6 +105,50 @@ class _TokenTables:
         """
         own_or_clean = (k >= self.split_start[q]) | ~self.noise[k]
         return (k < self.visible_end[q]) & own_or_clean & (self.doc[q] == self.doc[k])
+
+
+@dataclass(frozen=True)
+class DocumentMask:
+    """The Generalized Causal Attention mask of a packed sequence as its per-document diagonal blocks (SPEC §3).
+
+    Rule 1 (no attention across documents) makes the ``[L, L]`` mask block-diagonal once each document is one
+    contiguous run of tokens, so these blocks hold all of it in O(Σ n_d²) memory instead of O(L²).
+
+    Attributes:
+        lengths: tokens of each document, in sequence order (they sum to ``L``; padding counts as a document).
+        blocks: one ``[n_d, n_d]`` bool mask per document (True = may attend), rows = queries and columns = keys
+            in sequence order, the diagonal block ``dense[s_d:e_d, s_d:e_d]`` of the full mask.
+
+    Example:
+        >>> m = DocumentMask(lengths=(2, 1), blocks=(torch.ones(2, 2, dtype=torch.bool).tril(),
+        ...                                          torch.ones(1, 1, dtype=torch.bool)))
+        >>> m.seq_len, m.dense().int().tolist()
+        (3, [[1, 0, 0], [1, 1, 0], [0, 0, 1]])
+    """
+
+    lengths: tuple[int, ...]
+    blocks: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if not self.lengths or len(self.lengths) != len(self.blocks):
+            raise ValueError(f"DocumentMask: {len(self.lengths)} lengths for {len(self.blocks)} blocks (need >= 1)")
+        for n, block in zip(self.lengths, self.blocks):
+            if n < 1 or block.shape != (n, n) or block.dtype != torch.bool:
+                raise ValueError(
+                    f"DocumentMask: a document of {n} tokens has a {block.dtype} block {tuple(block.shape)}"
+                )
+
+    @property
+    def seq_len(self) -> int:
+        """Total number of tokens ``L``."""
+        return sum(self.lengths)
+
+    def to(self, device: torch.device | str) -> DocumentMask:
+        return DocumentMask(lengths=self.lengths, blocks=tuple(b.to(device) for b in self.blocks))
+
+    def dense(self) -> torch.Tensor:
+        """The full ``[L, L]`` bool mask (equal to :meth:`MaskBuilder.dense`); O(L²), for tests and fallbacks."""
+        return torch.block_diag(*self.blocks)
 
 
 @dataclass(frozen=True)
@@ -295,6 +341,25 @@ class MaskBuilder:
             chunk &= (keys >= tok.split_start[rows, None]) | key_clean
             chunk &= key_doc == tok.doc[rows, None]
         return out
+
+    def documents(self, table: SplitTable, *, device: torch.device | str | None = None) -> DocumentMask:
+        """The mask as one ``[n_d, n_d]`` diagonal block per document (:class:`DocumentMask`), never ``[L, L]``.
+
+        Each block is the same per-pair predicate as :meth:`dense`, evaluated over that document's tokens only
+        (rule 1 holds trivially inside it). Requires each document to be one contiguous run of splits.
+        """
+        if table.seq_len == 0:
+            raise ValueError("MaskBuilder.documents got an empty SplitTable (seq_len 0)")
+        _check_contiguous_docs(table)
+        dev = _device(table, device)
+        tok = _TokenTables.of(table, dev)
+        doc_lengths = torch.unique_consecutive(tok.doc, return_counts=True)[1].tolist()  # one run per document
+        blocks, start = [], 0
+        for n in doc_lengths:
+            tokens = torch.arange(start, start + n, device=dev)
+            blocks.append(tok.allowed(tokens[:, None], tokens[None, :]))
+            start += n
+        return DocumentMask(lengths=tuple(doc_lengths), blocks=tuple(blocks))
 
     def mask_image(self, table: SplitTable, *, max_side: int = 512) -> torch.Tensor:
         """``uint8 [3, H, W]`` picture of the mask; rows are queries, columns keys, ``H = W <= max_side``.

@@ -10,8 +10,11 @@ every layer; each expert runs its norms, projections and MLP on its own block wi
 Attention sees the tokens in "expert-major" order ``perm = cat(und_indices, gen_indices)``: RoPE positions and the
 dense mask are permuted once per forward (attention is equivariant to a joint permutation of queries, keys and
 mask), so a dense-mask layer does no gather at all; the flex path, whose ``BlockMask`` is laid out in sequence
-order, gathers q/k/v into sequence order and the output back (two gathers per layer). The final norms (``norm`` for
-und tokens, ``norm_moe_gen`` for gen tokens) are applied per block and the result is scattered back once.
+order, gathers q/k/v into sequence order and the output back (two gathers per layer). Several packed documents
+given as a :class:`~chatumm_kit.components.masks.DocumentMask` (what ``ChatUMM`` passes with ``"sdpa"``) attend
+document by document, gathered the same way, so the masked-out cross-document pairs (SPEC §3 rule 1) cost nothing.
+The final norms (``norm`` for und tokens, ``norm_moe_gen`` for gen tokens) are applied per block and the result is
+scattered back once.
 
 Parameter names mirror the BAGEL layout of SPEC §5 without the ``language_model.model.`` prefix (``lm_head`` without
 ``language_model.``), so checkpoint conversion is a prefix map.
@@ -44,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from chatumm_kit.components.kv_cache import MoTKVCache
 from chatumm_kit.components.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from chatumm_kit.components.masks import DocumentMask
 
 __all__ = [
     "GEN_SUFFIX",
@@ -70,9 +74,10 @@ class MoTConfig:
         qk_norm: RMS-norm q and k over ``head_dim`` before RoPE. BAGEL turns it on (SPEC §5). A plain Qwen2 /
             Qwen2.5 checkpoint has no q/k-norm weights; because RMSNorm with a unit gain still rescales every head
             vector to unit RMS, converting such a checkpoint reproduces its logits only with ``qk_norm=False``.
-        attn_backend: ``"sdpa"`` (dense bool mask; CPU, tests) or ``"flex"`` (``BlockMask``; compiled on CUDA,
-            eager on CPU). torch's flex attention has no CPU backward, so on CPU with autograd enabled the
-            ``BlockMask`` is expanded to a dense mask (O(L²), once per forward) and SDPA runs instead.
+        attn_backend: ``"sdpa"`` (dense bool mask or per-document ``DocumentMask``; CPU, tests) or ``"flex"``
+            (``BlockMask``; compiled on CUDA, eager on CPU). torch's flex attention has no CPU backward, so on CPU
+            with autograd enabled the ``BlockMask`` is expanded to a dense mask (O(L²), once per forward) and SDPA
+            runs instead.
         gradient_checkpointing: recompute each layer in backward (training only).
         freeze_understanding: no gradient into the understanding expert; see :meth:`MoTBackbone.understanding_modules`.
     """
@@ -162,6 +167,30 @@ class _FlexAttention:
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out = fn(to_seq(q), to_seq(k), to_seq(v), block_mask=self.block_mask, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(q.shape[0], -1).index_select(0, self.perm)
+
+
+class _DocumentAttention:
+    """SDPA one document at a time, each with its own diagonal block of the mask (SPEC §3 rule 1).
+
+    Documents are contiguous in sequence order, so one gather of q/k/v from expert-major into sequence order
+    (``inv``) makes document ``d`` the contiguous rows ``[s_d, s_d + lengths[d])``: its per-document index sets are
+    slices of that gather, fixed once per forward by ``inv`` and ``lengths``. The outputs are concatenated (sequence
+    order) and gathered back to expert-major (``perm``). Equal to :class:`_DenseAttention` with the full mask: the
+    pairs it skips are exactly the cross-document ones, all masked there.
+    """
+
+    def __init__(self, doc_mask: DocumentMask, perm: torch.Tensor, inv: torch.Tensor) -> None:
+        self.lengths, self.blocks = list(doc_mask.lengths), doc_mask.blocks
+        self.perm, self.inv = perm, inv
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [L,H,hd], k/v [L,Hkv,hd] expert-major -> per document [n_d, H or Hkv, hd], sequence order
+        qs, ks, vs = (x.index_select(0, self.inv).split(self.lengths) for x in (q, k, v))
+        outs = [
+            _sdpa(q_d, k_d.transpose(0, 1), v_d.transpose(0, 1), block)  # [n_d, H*hd]
+            for q_d, k_d, v_d, block in zip(qs, ks, vs, self.blocks, strict=True)
+        ]
+        return torch.cat(outs).index_select(0, self.perm)
 
 
 class _CachedAttention:
@@ -445,9 +474,10 @@ class MoTBackbone(L.LightningModule):
             und_indices: ``[N_und]`` positions routed to the understanding expert.
             gen_indices: ``[N_gen]`` positions routed to the generation expert; with ``und_indices`` a partition
                 of ``[0, L)``.
-            attn_mask: a flex ``BlockMask`` (``attn_backend="flex"``) or a dense bool ``[L, L]``, True = may attend
-                (``"sdpa"``, and always with a cache, where it is the mask *inside* the chunk: queries also see
-                every cached token).
+            attn_mask: a flex ``BlockMask`` (``attn_backend="flex"``); with ``"sdpa"`` a dense bool ``[L, L]``
+                (True = may attend) or a ``DocumentMask`` (the per-document diagonal blocks; with two or more
+                documents attention runs document by document). With a cache always a dense bool mask, the one
+                *inside* the chunk: queries also see every cached token.
             kv_cache: cache of the stream so far; the chunk is appended to it.
             commit: with a cache, required: keep the chunk's keys/values (True) or leave the cache as it was
                 (False, e.g. a noised image chunk that nothing later may see).
@@ -520,6 +550,15 @@ class MoTBackbone(L.LightningModule):
             return _FlexAttention(attn_mask, perm, inv)
         if backend != "sdpa":
             raise ValueError(f"MoTBackbone(attn_backend={backend!r}) needs a BlockMask, got {type(attn_mask).__name__}")
+        if isinstance(attn_mask, DocumentMask):
+            if attn_mask.seq_len != seq_len:
+                raise ValueError(
+                    f"MoTBackbone.forward: DocumentMask covers {attn_mask.seq_len} tokens, sequence is {seq_len}"
+                )
+            attn_mask = attn_mask.to(perm.device)
+            if len(attn_mask.lengths) > 1:
+                return _DocumentAttention(attn_mask, perm, inv)
+            attn_mask = attn_mask.blocks[0]  # one document: its block is the whole mask
         if attn_mask.shape != (seq_len, seq_len):
             raise ValueError(
                 f"MoTBackbone.forward: attn_mask must be [{seq_len}, {seq_len}], got {tuple(attn_mask.shape)}"
@@ -534,14 +573,16 @@ class MoTBackbone(L.LightningModule):
 
     # ---------------------------------------------------------------- standalone text LM
 
-    def causal_mask(self, doc_ids: torch.Tensor) -> torch.Tensor | BlockMask:
+    def causal_mask(self, doc_ids: torch.Tensor) -> DocumentMask | BlockMask:
         """Block-diagonal causal mask for packed text documents, in this model's backend's mask type.
 
-        ``doc_ids``: ``[L]`` document id of each token (non-decreasing).
+        ``doc_ids``: ``[L]`` document id of each token (non-decreasing). With ``"sdpa"`` a ``DocumentMask`` of one
+        lower-triangular block per document (never ``[L, L]``).
         """
         if self.config.attn_backend == "sdpa":
-            same_doc = doc_ids[:, None] == doc_ids[None, :]
-            return same_doc & torch.ones_like(same_doc).tril()
+            lengths = torch.unique_consecutive(doc_ids, return_counts=True)[1].tolist()
+            blocks = tuple(torch.ones(n, n, dtype=torch.bool, device=doc_ids.device).tril() for n in lengths)
+            return DocumentMask(lengths=tuple(lengths), blocks=blocks)
 
         def mask_mod(b, h, q, k):
             return (doc_ids[q] == doc_ids[k]) & (k <= q)

@@ -79,16 +79,37 @@ def _parse_value(text: str, where: str) -> Any:
         raise RecipeError(f"{where}: cannot parse override value {text!r}: {e}") from None
 
 
-def _has_key(cfg: DictConfig, dotted: str) -> bool:
+def _child_key(node: Any, part: str) -> str | int | None:
+    """The key of ``node`` that one override path segment names, or None.
+
+    A segment is text, but a mapping may have integer keys (``distance: {0: 0.5, 2: 0.25}`` in YAML), so
+    ``synth.targets.distance.0`` names the key ``0``; a list takes a segment as its index.
+    """
+    if isinstance(node, DictConfig):
+        if part in node:
+            return part
+        if part.lstrip("-").isdigit() and int(part) in node:
+            return int(part)
+    elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+        return int(part)
+    return None
+
+
+def _existing_path(cfg: DictConfig, dotted: str) -> list[str | int] | None:
+    """The actual keys along ``dotted`` when every one exists, else None."""
     node: Any = cfg
+    keys: list[str | int] = []
     for part in dotted.split("."):
-        if isinstance(node, DictConfig) and part in node:
-            node = node._get_node(part)
-        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
-            node = node._get_node(int(part))
-        else:
-            return False
-    return True
+        key = _child_key(node, part)
+        if key is None:
+            return None
+        keys.append(key)
+        node = node._get_node(key)
+    return keys
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    return _existing_path(cfg, dotted) is not None
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -98,12 +119,11 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             key = item[1:].split("=", 1)[0]
             if not _has_key(cfg, key):
                 raise RecipeError(f"{key}: cannot delete, no such key in the recipe")
-            parent_key, _, leaf = key.rpartition(".")
-            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-            if isinstance(parent, ListConfig):
-                del parent[int(leaf)]
-            else:
-                del parent[leaf]
+            *above, leaf = _existing_path(cfg, key)
+            parent: Any = cfg
+            for k in above:
+                parent = parent[k]
+            del parent[leaf]
             continue
         if "=" not in item:
             raise RecipeError(f"{item}: an override must look like key=value, +key=value or ~key")
@@ -123,7 +143,14 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if exists and adding:
             raise RecipeError(f"{key}: already in the recipe; drop the '+' to override it")
         try:
-            OmegaConf.update(cfg, key, _parse_value(value, key), merge=False, force_add=adding)
+            keys = _existing_path(cfg, key)
+            if keys is None:
+                OmegaConf.update(cfg, key, _parse_value(value, key), merge=False, force_add=adding)
+            else:  # walk the actual keys: an integer mapping key is not the text of its path segment
+                parent = cfg
+                for k in keys[:-1]:
+                    parent = parent[k]
+                parent[keys[-1]] = _parse_value(value, key)
         except OmegaConfBaseException as e:
             raise RecipeError(f"{key}: cannot apply override: {e.msg if hasattr(e, 'msg') else e}") from None
     return cfg
