@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import chatumm_kit.eval.responders as responders_module
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import Role
 from chatumm_kit.data.shapes import WorldConfig, render
@@ -242,3 +243,38 @@ def test_tiny_random_chatumm_runs_through_the_chat_session(shards, samples, tmp_
     js, png = report.write(tmp_path)
     assert BenchmarkReport.load(js) == report and png.is_file()
     assert json.loads(js.read_text())["settings"]["reply"]["sampler"]["num_steps"] == 2
+
+
+def test_lockstep_batches_give_the_same_report_as_one_dialogue_at_a_time(shards, samples, monkeypatch):
+    texts = [t.text for s in samples for t in s.dialogue.turns if t.text]
+    tokenizer = ChatTokenizer.train(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = chatumm_tiny(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, intermediate_size=64,
+                         vit_hidden=32, vit_layers=1)  # fmt: skip
+    model = model.double()  # float64: the stacked forward's rounding cannot move a pixel
+    reply = ReplySettings(max_new_tokens=4, max_segments=2, temperature=1.0, sampler=SamplerConfig(num_steps=2))
+    together: list[int] = []
+    inner = responders_module.respond_batch
+
+    def counting(sessions, **kwargs):
+        together.append(len(sessions))
+        return inner(sessions, **kwargs)
+
+    monkeypatch.setattr(responders_module, "respond_batch", counting)
+    reports, calls = {}, {}
+    for size in (1, 3):
+        together.clear()
+        settings = BenchmarkSettings(max_dialogues=5, seed=3, reply=reply, batch_size=size)
+        reports[size] = run_benchmark(
+            models={"random": (model, tokenizer)}, shards=shards, settings=settings, world=WORLD
+        )
+        calls[size] = list(together)
+    assert reports[1] == reports[3]  # every score, breakdown, SR@k and setting (batch_size is not a result setting)
+    assert "batch_size" not in reports[3].settings
+    assert calls[1] == []  # one by one: plain respond
+    # groups of 3 and 2 dialogues; dialogues of different lengths (or failing, free running) drop out
+    assert max(calls[3]) == 3 and 1 in calls[3] and set(calls[3]) <= {1, 2, 3}
+    n_turns = sum(len(expected_turns(s, WORLD)) for s in samples[:5])
+    assert len(reports[3].models["random"].turns) == n_turns
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        BenchmarkSettings(batch_size=0)

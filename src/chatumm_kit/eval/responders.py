@@ -8,6 +8,10 @@ A responder holds one conversation at a time. The benchmark drives it turn by tu
 * ``respond(seed=...)`` — produce the next assistant turn; it is now part of the history;
 * ``retract()`` — forget the reply just produced (teacher forcing then adds the true one in its place).
 
+:class:`ChatSessionResponder` can also answer for several conversations at once: :meth:`~ChatSessionResponder.spawn`
+gives a partner with its own session, and :meth:`~ChatSessionResponder.respond_together` lets several reply with one
+model forward per decoding / Euler step (the benchmark's ``batch_size``).
+
 :class:`ChatSessionResponder` wraps :class:`~chatumm_kit.inference.session.ChatSession` (``retract`` is a
 ``rollback`` of the reply's turn); :class:`OracleResponder` answers every turn with the ground truth and must score
 1.0 on everything, which proves the scorer and the ground truth agree. Test fakes implement the same four methods.
@@ -30,8 +34,9 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import DialogueSample, ImageSegment, Role
 from chatumm_kit.data.shapes import WorldConfig
 from chatumm_kit.eval.turns import Part, Reply, expected_turns
+from chatumm_kit.inference.batch import respond_batch
 from chatumm_kit.inference.sampler import SamplerConfig
-from chatumm_kit.inference.session import ChatSession, SessionConfig
+from chatumm_kit.inference.session import AssistantReply, ChatSession, SessionConfig
 from chatumm_kit.model import ChatUMM
 
 __all__ = ["Responder", "ReplySettings", "ChatSessionResponder", "OracleResponder", "session_config_for"]
@@ -137,6 +142,44 @@ class ChatSessionResponder:
             sampler=dataclasses.replace(s.sampler, seed=seed),
             max_segments=s.max_segments,
         )
+        return self._keep(out)
+
+    def spawn(self) -> ChatSessionResponder:
+        """A new responder with its own (empty) session over the same model, tokenizer, stream and reply settings
+        (a partner for :meth:`respond_together`)."""
+        s = self.session
+        return ChatSessionResponder(
+            session=ChatSession(model=s.model, tokenizer=s.tokenizer, config=s.config), settings=self.settings
+        )
+
+    @staticmethod
+    def respond_together(responders: Sequence[ChatSessionResponder], *, seeds: Sequence[int]) -> list[Reply]:
+        """``[r.respond(seed=s) for r, s in zip(responders, seeds)]`` with one model forward per step for all of
+        them (:func:`~chatumm_kit.inference.batch.respond_batch`); the responders must share one model, tokenizer
+        and reply settings.
+
+        Raises:
+            ValueError: a different number of seeds, or responders with different reply settings.
+        """
+        if len(seeds) != len(responders):
+            raise ValueError(f"respond_together: {len(seeds)} seeds for {len(responders)} responders")
+        if not responders:
+            return []
+        s = responders[0].settings
+        if any(r.settings != s for r in responders):
+            raise ValueError("respond_together: the responders have different reply settings")
+        outs = respond_batch(
+            [r.session for r in responders],
+            samplers=[dataclasses.replace(s.sampler, seed=seed) for seed in seeds],
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_segments=s.max_segments,
+        )
+        return [r._keep(out) for r, out in zip(responders, outs)]
+
+    def _keep(self, out: AssistantReply) -> Reply:
+        """Remember the reply's turn (for :meth:`retract`) and convert it to a :class:`Reply`."""
         self._last_reply = out.turn_index
         by_key = dict(zip(out.image_keys, out.images))
         parts: list[Part] = [by_key[seg.image] if isinstance(seg, ImageSegment) else seg.text for seg in out.segments]

@@ -36,8 +36,10 @@ import torch
 from chatumm_kit.flow import shift_timesteps
 
 __all__ = [
+    "EulerIntegrator",
     "SamplerConfig",
     "VelocityFn",
+    "active_unconditional",
     "cfg_combine",
     "euler_sample",
     "guided_velocity",
@@ -155,6 +157,27 @@ def cfg_combine(
     return renorm_velocity(v, v_full, mode=renorm, min_scale=renorm_min)
 
 
+def active_unconditional(
+    t: float, config: SamplerConfig, *, has_text_uncond: bool, has_image_uncond: bool
+) -> tuple[bool, bool]:
+    """Which unconditional contexts :func:`guided_velocity` runs at time ``t``: ``(text, image)``.
+
+    A context runs only inside ``cfg_interval``, when it exists (``has_*``: it differs from the full context) and
+    when its scale is not 1. A scheduler that batches several samplers uses this to know, before the model runs,
+    which contexts each one needs at this step.
+
+    Example:
+        >>> cfg = SamplerConfig(cfg_text_scale=4.0, cfg_image_scale=1.0, cfg_interval=(0.4, 1.0))
+        >>> active_unconditional(0.9, cfg, has_text_uncond=True, has_image_uncond=True)
+        (True, False)
+        >>> active_unconditional(0.2, cfg, has_text_uncond=True, has_image_uncond=True)
+        (False, False)
+    """
+    if not in_cfg_interval(t, config.cfg_interval):
+        return False, False
+    return has_text_uncond and config.cfg_text_scale != 1.0, has_image_uncond and config.cfg_image_scale != 1.0
+
+
 def guided_velocity(
     *,
     full: VelocityFn,
@@ -177,8 +200,9 @@ def guided_velocity(
         v_full = full(x, t)
         if not in_cfg_interval(t, config.cfg_interval):
             return v_full
-        use_text = text_uncond is not None and config.cfg_text_scale != 1.0
-        use_image = image_uncond is not None and config.cfg_image_scale != 1.0
+        use_text, use_image = active_unconditional(
+            t, config, has_text_uncond=text_uncond is not None, has_image_uncond=image_uncond is not None
+        )
         # An unused context contributes v_full: exact when the context equals the full one, and irrelevant when its
         # scale is 1 (the term cancels).
         v_txt_u = text_uncond(x, t) if use_text else v_full
@@ -196,6 +220,51 @@ def guided_velocity(
     return velocity
 
 
+class EulerIntegrator:
+    """Euler integration on :func:`timestep_grid`, one step at a time (what :func:`euler_sample` loops over).
+
+    A caller that evaluates velocities itself — e.g. a scheduler running the model once for several images — reads
+    :attr:`x` and :attr:`t`, computes ``v`` and calls :meth:`step` until :attr:`done`. The state is kept in float32
+    (or float64 if ``x_T`` is float64) whatever dtype the velocity comes in.
+
+    Args:
+        x_T: ``[N, C]`` noise at ``t = 1``.
+        config: the grid (``num_steps``, ``shift``).
+
+    Example:
+        >>> euler = EulerIntegrator(torch.zeros(1, 1), SamplerConfig(num_steps=2))
+        >>> while not euler.done:
+        ...     euler.step(torch.ones(1, 1))
+        >>> euler.x.item()
+        -1.0
+    """
+
+    def __init__(self, x_T: torch.Tensor, config: SamplerConfig) -> None:
+        self._grid = timestep_grid(config.num_steps, config.shift).tolist()
+        self._index = 0
+        self.x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
+
+    @property
+    def done(self) -> bool:
+        """True once ``t = 0`` is reached (:attr:`x` is then ``x_0``)."""
+        return self._index == len(self._grid) - 1
+
+    @property
+    def t(self) -> float:
+        """The time of :attr:`x` (where the next velocity is evaluated)."""
+        return self._grid[self._index]
+
+    def step(self, v: torch.Tensor) -> None:
+        """``x ← x + (t_next − t)·v`` with ``v [N, C]`` the velocity at (:attr:`x`, :attr:`t`)."""
+        if self.done:
+            raise RuntimeError("EulerIntegrator.step: already at t = 0")
+        if v.shape != self.x.shape:
+            raise ValueError(f"euler_sample: velocity_fn returned {tuple(v.shape)} for x of {tuple(self.x.shape)}")
+        t_now, t_next = self._grid[self._index], self._grid[self._index + 1]
+        self.x = self.x + (t_next - t_now) * v.to(self.x.dtype)
+        self._index += 1
+
+
 def euler_sample(velocity_fn: VelocityFn, x_T: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
     """Integrate ``dx/dt = v`` from ``t = 1`` (``x_T``) to ``t = 0`` on :func:`timestep_grid`; returns ``x_0``.
 
@@ -208,11 +277,7 @@ def euler_sample(velocity_fn: VelocityFn, x_T: torch.Tensor, config: SamplerConf
         >>> euler_sample(lambda x, t: torch.ones_like(x), torch.zeros(1, 1), SamplerConfig(num_steps=4)).item()
         -1.0
     """
-    grid = timestep_grid(config.num_steps, config.shift).tolist()
-    x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
-    for t_now, t_next in zip(grid[:-1], grid[1:]):
-        v = velocity_fn(x, t_now)
-        if v.shape != x.shape:
-            raise ValueError(f"euler_sample: velocity_fn returned {tuple(v.shape)} for x of {tuple(x.shape)}")
-        x = x + (t_next - t_now) * v.to(x.dtype)
-    return x
+    euler = EulerIntegrator(x_T, config)
+    while not euler.done:
+        euler.step(velocity_fn(euler.x, euler.t))
+    return euler.x

@@ -32,7 +32,11 @@ context's position, CFG combines the velocities, and the decoded image then ente
 
 **Rollback** restores the state before a turn from a snapshot (cache lengths and positions; caches are truncated).
 Going back into an *older* user block rebuilds that block's text-unconditional context from ``full`` plus the
-block's images (the only rows not recoverable by truncation). Batching several sessions is not implemented.
+block's images (the only rows not recoverable by truncation).
+
+**Batching.** :meth:`ChatSession.reply_steps` is the reply as a generator of model steps (``inference/steps.py``):
+:meth:`ChatSession.respond` answers each step alone, :func:`~chatumm_kit.inference.batch.respond_batch` answers the
+steps of several sessions with one forward pass.
 
 Example:
     >>> session = ChatSession(model=model, tokenizer=tok, config=SessionConfig(vit_patch_size=8,
@@ -59,7 +63,7 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, Segment, TextSegment, Turn
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.data.stream_layout import StreamPiece
-from chatumm_kit.inference.context import CacheContext, StreamRunner, to_uint8
+from chatumm_kit.inference.context import StreamRunner, to_uint8
 from chatumm_kit.inference.decoding import choose_token
 from chatumm_kit.inference.guidance import (
     ContextMark,
@@ -68,7 +72,8 @@ from chatumm_kit.inference.guidance import (
     keep_image_uncond,
     keep_text_uncond,
 )
-from chatumm_kit.inference.sampler import SamplerConfig, euler_sample, guided_velocity
+from chatumm_kit.inference.sampler import EulerIntegrator, SamplerConfig
+from chatumm_kit.inference.steps import ReplySteps, TokenStep, VelocityStep, drive_alone
 from chatumm_kit.model import ChatUMM
 
 __all__ = ["AssistantReply", "ChatSession", "SessionConfig", "SessionContexts"]
@@ -317,6 +322,38 @@ class ChatSession:
             sampler: image sampling settings (default ``SamplerConfig()``); ``sampler.seed`` seeds all draws of
                 this reply.
             max_segments: stop after this many segments even if the model does not predict ``<|end|>``.
+
+        Several sessions reply together (one forward per step for all of them) with
+        :func:`~chatumm_kit.inference.batch.respond_batch`: the same replies up to float rounding (see there).
+        """
+        steps = self.reply_steps(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            sampler=sampler,
+            max_segments=max_segments,
+        )
+        return drive_alone(steps, self.runner)
+
+    def reply_steps(
+        self,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        sampler: SamplerConfig | None = None,
+        max_segments: int = 4,
+    ) -> ReplySteps[AssistantReply]:
+        """:meth:`respond` as a generator of model steps (``inference/steps.py``), for a scheduler to drive.
+
+        It yields a :class:`~.steps.TokenStep` per decoded token and a :class:`~.steps.VelocityStep` per Euler
+        step, expects each one's answer sent back, and returns the :class:`AssistantReply`. Everything else
+        (token choice, prefilling a finished segment, decoding an image) runs inside it. The settings are checked
+        now; the reply starts at the first ``next()``. Closing it before the end (or an error inside it) restores
+        the session to where it was before the reply.
+
+        Example:
+            >>> reply = drive_alone(session.reply_steps(max_new_tokens=8), session.runner)   # doctest: +SKIP
         """
         k = self.num_turns
         if k == 0 or self.dialogue.turns[-1].role is not Role.USER:
@@ -331,14 +368,21 @@ class ChatSession:
             generator.seed()
         else:
             generator.manual_seed(sampler.seed)
+        return self._reply(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator)
+
+    @torch.no_grad()
+    def _reply(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator):
+        if self.num_turns != k:
+            raise RuntimeError("ChatSession.reply_steps: the session changed before the reply started")
         self._marks.append(self._snapshot())
         try:
-            return self._respond(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator)
+            settings = (max_new_tokens, temperature, top_p, sampler, max_segments, generator)
+            return (yield from self._reply_segments(k, *settings))
         except BaseException:
             self._restore(k)
             raise
 
-    def _respond(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator) -> AssistantReply:
+    def _reply_segments(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator):
         tok = self.tokenizer
         reply = AssistantReply(turn_index=k, segments=[], finished=False)
         ids_per_segment: list[list[int] | None] = []
@@ -354,12 +398,12 @@ class ChatSession:
             if choice == tok.im_start_id:
                 reply.intents.append("text")
                 first = not any(isinstance(s, TextSegment) for s in reply.segments)
-                ids, hidden = self._generate_text(max_new_tokens, temperature, top_p, generator)
+                ids, hidden = yield from self._generate_text(max_new_tokens, temperature, top_p, generator)
                 reply.segments.append(TextSegment(text=self._visible_text(ids, first=first)))
                 ids_per_segment.append(ids)
             else:
                 reply.intents.append("image")
-                key, image, hidden = self._generate_image(sampler, generator, segment=len(reply.segments))
+                key, image, hidden = yield from self._generate_image(sampler, generator, segment=len(reply.segments))
                 reply.segments.append(ImageSegment(image=key))
                 reply.images.append(image)
                 reply.image_keys.append(key)
@@ -371,24 +415,25 @@ class ChatSession:
         self._last_hidden = hidden
         return reply
 
-    def _generate_text(self, max_new_tokens, temperature, top_p, generator) -> tuple[list[int], torch.Tensor]:
-        """Decode one text segment into ``full``; append it to the unconditional contexts. Returns ids, last output."""
+    def _generate_text(self, max_new_tokens, temperature, top_p, generator):
+        """Decode one text segment into ``full`` (a :class:`TokenStep` per token); append it to the unconditional
+        contexts. Returns ids, last output."""
         tok, run, full = self.tokenizer, self.runner, self._contexts.full
         markers = [tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.end_id, tok.pad_id]
-        hidden = run.step(full, tok.im_start_id)
+        hidden = yield TokenStep(full, tok.im_start_id)
         ids: list[int] = []
         closed = False
         while len(ids) < max_new_tokens:
             banned = markers + ([tok.im_end_id] if not ids else [])  # the packer never lays out an empty text
             logits = self.model.backbone.lm_head(hidden)
             token = choose_token(logits, temperature=temperature, top_p=top_p, banned=banned, generator=generator)
-            hidden = run.step(full, token)
+            hidden = yield TokenStep(full, token)
             if token == tok.im_end_id:
                 closed = True
                 break
             ids.append(token)
         if not closed:
-            hidden = run.step(full, tok.im_end_id)
+            hidden = yield TokenStep(full, tok.im_end_id)
         chunk = run.embed([StreamPiece(Modality.TEXT, 0, 0, content=tuple(ids))], self.images)
         self._contexts.extend_unconditional(chunk)
         return ids, hidden
@@ -401,24 +446,19 @@ class ChatSession:
             text = text[len(prefix) :]
         return text or "\ufffd"  # a Dialogue text may not be empty; the exact ids are kept beside it anyway
 
-    def _generate_image(
-        self, sampler: SamplerConfig, generator: torch.Generator, *, segment: int
-    ) -> tuple[str, torch.Tensor, torch.Tensor]:
-        """Sample one image with three-context CFG, decode it, and append it as clean context. Returns key, image,
-        the full context's last output."""
+    def _generate_image(self, sampler: SamplerConfig, generator: torch.Generator, *, segment: int):
+        """Sample one image with three-context CFG (a :class:`VelocityStep` per Euler step), decode it, and append it
+        as clean context. Returns key, image, the full context's last output."""
         run, vae = self.runner, self.model.vae
         _, (vae_h, vae_w) = self.packer.view_sizes(*self.config.image_size)
         stride = self.config.vae_token_stride
         grid = (vae_h // stride, vae_w // stride)
-
-        def context_velocity(ctx: CacheContext | None):
-            return None if ctx is None else (lambda x, t: run.noised_velocity(ctx, x, t, grid))
-
-        full, text_uncond, image_uncond = (context_velocity(c) for c in self._contexts.stored())
-        velocity = guided_velocity(full=full, text_uncond=text_uncond, image_uncond=image_uncond, config=sampler)
+        full, text_uncond, image_uncond = self._contexts.stored()
         noise = torch.randn(grid[0] * grid[1], vae.token_dim, generator=generator).to(run.device)
-        x0 = euler_sample(velocity, noise, sampler)
-        latent = vae.unpatchify(x0, grid)
+        euler = EulerIntegrator(noise, sampler)
+        while not euler.done:
+            euler.step((yield VelocityStep(full, text_uncond, image_uncond, euler.x, euler.t, grid, sampler)))
+        latent = vae.unpatchify(euler.x, grid)
         image = to_uint8(vae.decode([latent])[0])
         key = self._new_image_key()
         self.images[key] = image
