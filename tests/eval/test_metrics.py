@@ -194,3 +194,28 @@ def test_turn_score_round_trip_keeps_attribute_scores():
     s = _score(_turn(task="generate", output="image", target=TARGET), torch.full((3, 32, 32), 255, dtype=torch.uint8))
     again = type(s).from_dict(json.loads(json.dumps(s.to_dict())))
     assert again == s and again.image.count == 0.0
+
+
+def test_headline_keys_cover_distant_turns_of_the_model_and_its_baseline(tmp_path):
+    report = _report()
+    # add one more distant turn to multi_turn: a half-right image at distance 2 (image_attr 0.9, see above)
+    far_image = _score(
+        _turn(task="edit", output="image", target=TARGET, distance=2, index=3),
+        render(Scene(objects=(RED_CIRCLE.replace(colour="green"), BLUE_SQUARE)), WORLD),
+    )
+    mt = report.models["multi_turn"]
+    report.models["multi_turn"] = ModelReport.from_scores(
+        name="multi_turn", source=mt.source, turns=[*mt.turns, far_image], free_runs=mt.free_runs
+    )
+    h = report.headline()
+    # distance >= 2: multi_turn has the right VQA at distance 4 and the image at distance 2; distance 0 is left out
+    assert h["model"] == "multi_turn" and h["baseline"] == "single_turn"
+    assert h["history_vqa_acc_d2plus"] == 1.0 and h["history_vqa_turns_d2plus"] == 1
+    assert h["history_attr_acc_d2plus"] == pytest.approx(0.9) and h["history_attr_turns_d2plus"] == 1
+    assert h["history_turns_d2plus"] == 2
+    assert h["baseline_history_vqa_acc_d2plus"] == 0.0 and h["baseline_history_attr_acc_d2plus"] is None
+    js, _ = report.write(tmp_path, png=False)
+    assert json.loads(js.read_text())["headline"] == h
+    assert BenchmarkReport.load(js).headline() == h
+    one = BenchmarkReport(settings={}, data=report.data, models={"multi_turn": report.models["multi_turn"]})
+    assert "baseline" not in one.headline() and "baseline_history_vqa_acc_d2plus" not in one.headline()

@@ -31,7 +31,7 @@ from chatumm_kit.eval.metrics import (
     TurnScore,
     score_turn,
 )
-from chatumm_kit.eval.report import BenchmarkReport, DatasetSummary, ModelReport
+from chatumm_kit.eval.report import BenchmarkReport, DatasetSummary, FarHistory, ModelReport
 from chatumm_kit.eval.responders import (
     ChatSessionResponder,
     OracleResponder,
@@ -50,6 +50,7 @@ __all__ = [
     "ContextTrackingBenchmark",
     "DatasetSummary",
     "ExpectedTurn",
+    "FarHistory",
     "FreeRun",
     "LoadedModel",
     "MetricStat",

@@ -23,7 +23,7 @@ from typing import Any
 from chatumm_kit.eval.metrics import Breakdown, FreeRun, SuccessRates, TurnAggregate, TurnScore, distance_order
 from chatumm_kit.eval.turns import ExpectedTurn
 
-__all__ = ["DatasetSummary", "ModelReport", "BenchmarkReport", "PLOT_METRICS"]
+__all__ = ["DatasetSummary", "FarHistory", "ModelReport", "BenchmarkReport", "PLOT_METRICS", "FAR_DISTANCE"]
 
 PLOT_METRICS: tuple[tuple[str, str], ...] = (
     ("success", "turn success (teacher-forced history)"),
@@ -33,6 +33,62 @@ PLOT_METRICS: tuple[tuple[str, str], ...] = (
     ("image_exact", "generated image: all attributes right"),
 )
 """(metric, panel title) of the per-distance panels of :meth:`BenchmarkReport.plot`."""
+
+FAR_DISTANCE = 2
+"""The headline targets are stated for history-dependent turns at distance >= this many turns back."""
+
+
+@dataclass(frozen=True)
+class FarHistory:
+    """Accuracy on history-dependent turns whose reference is at least :data:`FAR_DISTANCE` turns back.
+
+    These are the headline figures of the benchmark (issue 8): VQA exact match and generated-image attribute accuracy
+    where the answer depends on a picture or turn two or more exchanges back. Means are turn-weighted over the
+    distance buckets 2, 4, 8 (None when no such turn was scored); the ``*_turns`` counts say how many turns each
+    mean rests on.
+
+    Example:
+        >>> FarHistory.of(report.models["multi_turn"].teacher_forced).vqa   # doctest: +SKIP
+        0.41
+    """
+
+    vqa: float | None
+    image_attr: float | None
+    intent: float | None
+    vqa_turns: int
+    image_turns: int
+    turns: int
+
+    @classmethod
+    def of(cls, aggregate: TurnAggregate) -> FarHistory:
+        far = Breakdown.merged(
+            b for k, b in aggregate.by_distance.items() if k != "none" and int(k) >= FAR_DISTANCE
+        )
+
+        def count(metric: str) -> int:
+            stat = far.stats.get(metric)
+            return 0 if stat is None else stat.count
+
+        return cls(
+            vqa=far.mean("vqa"),
+            image_attr=far.mean("image_attr"),
+            intent=far.mean("intent"),
+            vqa_turns=count("vqa"),
+            image_turns=count("image_attr"),
+            turns=count("intent"),
+        )
+
+    def keys(self, prefix: str = "") -> dict[str, float | int | None]:
+        """The JSON keys of ``BenchmarkReport.headline`` (``history_vqa_acc_d2plus``, ...), with ``prefix``."""
+        d = f"d{FAR_DISTANCE}plus"
+        return {
+            f"{prefix}history_vqa_acc_{d}": self.vqa,
+            f"{prefix}history_attr_acc_{d}": self.image_attr,
+            f"{prefix}history_intent_acc_{d}": self.intent,
+            f"{prefix}history_vqa_turns_{d}": self.vqa_turns,
+            f"{prefix}history_attr_turns_{d}": self.image_turns,
+            f"{prefix}history_turns_{d}": self.turns,
+        }
 
 
 def _hist(keys: Sequence[str], order=None) -> dict[str, int]:
@@ -148,11 +204,30 @@ class BenchmarkReport:
     models: dict[str, ModelReport] = field(default_factory=dict)
     version: int = 1
 
+    def headline(self) -> dict[str, Any]:
+        """The headline figures: :class:`FarHistory` keys of the first model (the one under test) and, when a
+        second model was compared (the baseline, e.g. ``single_turn``), the same keys prefixed ``baseline_``.
+
+        Example:
+            >>> report.headline()["history_vqa_acc_d2plus"]          # doctest: +SKIP
+            0.41
+        """
+        names = list(self.models)
+        if not names:
+            return {}
+        out: dict[str, Any] = {"model": names[0]}
+        out.update(FarHistory.of(self.models[names[0]].teacher_forced).keys())
+        if len(names) > 1:
+            out["baseline"] = names[1]
+            out.update(FarHistory.of(self.models[names[1]].teacher_forced).keys("baseline_"))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "settings": self.settings,
             "data": self.data.to_dict(),
+            "headline": self.headline(),  # derived from "models"; recomputed on load
             "models": {k: v.to_dict() for k, v in self.models.items()},
         }
 
@@ -229,19 +304,19 @@ class BenchmarkReport:
         """A plain-text table: overall metrics, success by distance and SR@k, one row per model."""
         keys = self.distance_keys()
         metrics = ["success", "intent", "vqa", "caption", "chat", "image_attr", "image_exact"]
-        far = ["intent", "vqa", "image_attr"]  # the headline targets are stated for history distance >= 2
         head = [
             "model",
             *metrics,
-            *(f"{x}@d>=2" for x in far),
+            *(f"{x}@d>={FAR_DISTANCE}" for x in ("intent", "vqa", "image_attr")),
             *(f"succ@d{k}" for k in keys),
             *(f"SR@{k}" for k in range(1, max_k + 1)),
         ]
         rows = [head]
         for name, m in self.models.items():
             tf = m.teacher_forced
-            distant = Breakdown.merged(b for k, b in tf.by_distance.items() if k != "none" and int(k) >= 2)
-            row = [name, *(_fmt(tf.overall.mean(x)) for x in metrics), *(_fmt(distant.mean(x)) for x in far)]
+            distant = FarHistory.of(tf)
+            row = [name, *(_fmt(tf.overall.mean(x)) for x in metrics)]
+            row += [_fmt(distant.intent), _fmt(distant.vqa), _fmt(distant.image_attr)]
             row += [_fmt(_value(tf.by_distance.get(k), "success")) for k in keys]
             row += [_fmt(m.free_running.sr_at_k.get(k)) for k in range(1, max_k + 1)]
             rows.append(row)
