@@ -24,10 +24,6 @@ parameter — both experts, ViT, VAE connectors — takes part in the comparison
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +31,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _multiprocess import run_ranks
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config import load_recipe
 from chatumm_kit.data.packing import Packer
@@ -49,12 +46,6 @@ WORKER = Path(__file__).with_name("_ddp_parity_worker.py")
 WORLD = 2
 RANK_DIALOGUES = ([1], [2, 5, 7])  # indices into the synthesised dialogues; rank 1 has ~3.5x rank 0's tokens
 TOL = 1e-5  # on gradients (largest entries ~1) and on weights after the step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -117,39 +108,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ranks(setup):
-    port = str(_free_port())
-    procs = []
-    for rank in range(WORLD):
-        env = dict(
-            os.environ,
-            LOCAL_RANK=str(rank),
-            NODE_RANK="0",
-            WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-            PYTHONWARNINGS="ignore",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(setup.root)],
-                env=env,
-                cwd=WORKER.parent,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("DDP parity worker timed out")
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-5000:]}"
+    run_ranks(WORKER, str(setup.root), world=WORLD, timeout=180, env={"OMP_NUM_THREADS": "1"})
     return [torch.load(setup.root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -5,58 +5,23 @@ import torch
 
 from chatumm_kit.cli import main
 
-RECIPE = """\
-seed: 0
-output_dir: {out}
-vars:
-  data_dir: {data}
-prepare:
-  - _component_: chatumm_kit.training.prepare.ensure_synthesised
-    recipe: shapes/synth
-    artifact: ${{vars.data_dir}}/train/index.json
-    overrides: ["output_dir=${{vars.data_dir}}/train", "synth.num_dialogues=24", "synth.shard_size=12"]
-  - _component_: chatumm_kit.training.prepare.ensure_tokenizer
-    shards: ${{vars.data_dir}}/train/index.json
-    output: ${{vars.data_dir}}/tokenizer
-    vocab_size: 300
-system:
-  _component_: chatumm_kit.systems.unified.ChatUMMSystem
-  model: {{preset: chatumm_tiny, tokenizer: "${{vars.data_dir}}/tokenizer", hidden_size: 32, num_layers: 1,
-          intermediate_size: 64, vit_hidden: 32, vit_layers: 1}}
-  optimizer: {{lr: 1.0e-3, weight_decay: 0.01}}
-  schedule: {{kind: cosine, warmup_steps: 1, total_steps: 4}}
-  seed: ${{seed}}
-data:
-  _component_: chatumm_kit.data.datamodule.DialogueDataModule
-  train_sources: [{{name: shapes, shards: "${{vars.data_dir}}/train/index.json"}}]
-  val_sources: [{{name: shapes, shards: "${{vars.data_dir}}/train/index.json"}}]
-  tokenizer: ${{vars.data_dir}}/tokenizer
-  vit_patch_size: 8
-  vae_token_stride: 8
-  max_image_side: 32
-  token_budget: 1024
-  num_workers: 0
-  shuffle_buffer: 8
-  seed: ${{seed}}
-trainer:
-  max_steps: 4
-  accelerator: cpu
-  devices: 1
-  limit_val_batches: 1
-  val_check_interval: 2
-  check_val_every_n_epoch: null
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger: false
-  callbacks:
-    - _component_: lightning.pytorch.callbacks.ModelCheckpoint
-      dirpath: ${{output_dir}}/checkpoints
-      save_last: true
-      every_n_train_steps: 2
-      save_top_k: -1
-    - _component_: chatumm_kit.training.ema.EMACallback
-      decay: 0.5
-"""
+# The shared recipe (tests/conftest.py) on 24 dialogues, with validation, a cosine schedule, seeded system and data,
+# and a checkpoint every 2 of 4 steps.
+OVERRIDES = [
+    "system.optimizer.lr=1.0e-3",
+    "system.optimizer.weight_decay=0.01",
+    "system.schedule={kind: cosine, warmup_steps: 1, total_steps: 4}",
+    "+system.seed=${seed}",
+    '+data.val_sources=[{name: shapes, shards: "${vars.data_dir}/train/index.json"}]',
+    "data.shuffle_buffer=8",
+    "+data.seed=${seed}",
+    "trainer.max_steps=4",
+    "trainer.limit_val_batches=1",
+    "+trainer.val_check_interval=2",
+    "+trainer.check_val_every_n_epoch=null",
+    "+trainer.callbacks.0.every_n_train_steps=2",
+    "+trainer.callbacks.0.save_top_k=-1",
+]
 
 REPORT = """\
 report:
@@ -73,10 +38,15 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("shapes_data")
 
 
-def _recipe(tmp_path, data_dir, name="run"):
-    f = tmp_path / f"{name}.yaml"
-    f.write_text(RECIPE.format(out=tmp_path / name, data=data_dir))
-    return f
+@pytest.fixture
+def write_recipe(tmp_path, data_dir, train_recipe):
+    """``write_recipe(name)`` writes ``tmp_path/name.yaml``, a run with output in ``tmp_path/name``."""
+
+    def write(name="run"):
+        path, out = tmp_path / f"{name}.yaml", tmp_path / name
+        return train_recipe(path, out=out, data=data_dir, num_dialogues=24, overrides=OVERRIDES)
+
+    return write
 
 
 def _weights(ckpt):
@@ -84,8 +54,8 @@ def _weights(ckpt):
     return state["state_dict"], state
 
 
-def test_train_prepares_data_and_tokenizer_then_trains(tmp_path, data_dir, capsys):
-    recipe = _recipe(tmp_path, data_dir)
+def test_train_prepares_data_and_tokenizer_then_trains(write_recipe, tmp_path, data_dir, capsys):
+    recipe = write_recipe()
     recipe.write_text(recipe.read_text() + REPORT.format(data=data_dir, out=tmp_path / "run"))
     assert main(["train", str(recipe)]) == 0
     out = capsys.readouterr().out
@@ -103,16 +73,16 @@ def test_train_prepares_data_and_tokenizer_then_trains(tmp_path, data_dir, capsy
     # files named by the model spec are stored absolute, so the checkpoint loads from any working directory
     assert raw["hyper_parameters"]["model"]["tokenizer"] == str((data_dir / "tokenizer").resolve())
     # a second run reuses the prepared data instead of synthesising again
-    assert main(["train", str(_recipe(tmp_path, data_dir, "again")), "trainer.max_steps=1"]) == 0
+    assert main(["train", str(write_recipe("again")), "trainer.max_steps=1"]) == 0
     assert "prepare: reusing" in capsys.readouterr().out
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data_dir):
-    recipe = _recipe(tmp_path, data_dir, "full")
+def test_resume_continues_exactly_as_an_uninterrupted_run(write_recipe, tmp_path):
+    recipe = write_recipe("full")
     assert main(["train", str(recipe)]) == 0
     full, _ = _weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
 
-    stopped = _recipe(tmp_path, data_dir, "stopped")
+    stopped = write_recipe("stopped")
     assert main(["train", str(stopped), "trainer.max_steps=2"]) == 0
     assert main(["train", str(stopped), "resume_from=last"]) == 0
     resumed, raw = _weights(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
@@ -122,18 +92,18 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data_dir):
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_a_run_killed_with_sigkill_resumes_as_if_it_had_not_stopped(tmp_path, data_dir):
+def test_a_run_killed_with_sigkill_resumes_as_if_it_had_not_stopped(write_recipe, tmp_path):
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    full = _recipe(tmp_path, data_dir, "full6")
+    full = write_recipe("full6")
     assert main(["train", str(full), "trainer.max_steps=6", "system.schedule.total_steps=6"]) == 0
     expected, _ = _weights(tmp_path / "full6" / "checkpoints" / "last.ckpt")
 
-    killed = _recipe(tmp_path, data_dir, "killed")
+    killed = write_recipe("killed")
     args = ["trainer.max_steps=6", "system.schedule.total_steps=6"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatumm_kit", "train", str(killed), *args],
@@ -162,14 +132,14 @@ def test_a_run_killed_with_sigkill_resumes_as_if_it_had_not_stopped(tmp_path, da
         torch.testing.assert_close(resumed[k], expected[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_validation_losses_are_token_weighted_means_over_all_batches(tmp_path, data_dir, capsys):
+def test_validation_losses_are_token_weighted_means_over_all_batches(write_recipe, tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from chatumm_kit.config import instantiate, load_recipe
     from chatumm_kit.eval import load_checkpoint
     from chatumm_kit.systems.unified import ChatUMMSystem
 
-    recipe = _recipe(tmp_path, data_dir, "val")
+    recipe = write_recipe("val")
     overrides = ["trainer.max_steps=2", "trainer.limit_val_batches=2", "trainer.val_check_interval=2"]
     assert main(["train", str(recipe), *overrides, "~trainer.callbacks.1"]) == 0  # no EMA: raw weights
     printed = {

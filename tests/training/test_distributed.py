@@ -8,10 +8,6 @@ single-file checkpoints (D resumes from C's step-3 file). The tests then compare
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ import torch
 from _tiny_system import TinyNet
 from safetensors.torch import load_file
 
+from _multiprocess import run_ranks
 from chatumm_kit.training.checkpoints import export_safetensors, is_sharded_checkpoint, load_safetensors_into
 from chatumm_kit.training.ema import EMA_KEY_PREFIX
 
@@ -27,47 +24,10 @@ DECAY, UPDATE_EVERY, START_STEP = 0.5, 2, 1  # as in _dist_worker.EMA
 TOL = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            LOCAL_RANK=str(rank),
-            NODE_RANK="0",
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            PYTHONWARNINGS="ignore",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(out)],
-                env=env,
-                cwd=WORKER.parent,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed worker timed out")
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-5000:]}"
+    run_ranks(WORKER, str(out), timeout=240)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return out, ranks
 
