@@ -61,9 +61,7 @@ class FarHistory:
 
     @classmethod
     def of(cls, aggregate: TurnAggregate) -> FarHistory:
-        far = Breakdown.merged(
-            b for k, b in aggregate.by_distance.items() if k != "none" and int(k) >= FAR_DISTANCE
-        )
+        far = Breakdown.merged(b for k, b in aggregate.by_distance.items() if k != "none" and int(k) >= FAR_DISTANCE)
 
         def count(metric: str) -> int:
             stat = far.stats.get(metric)
