@@ -36,7 +36,7 @@ session, so that a change of machine load during the run does not enter the rati
 its own tokens, and the history enters only through attention over a longer cache (plus one copy of the cache rows
 when the user turn forks the text-unconditional context). To check that, this measurement also clocks the time
 spent inside cached attention (mask over the cache + SDPA: the methods of the backbone's private
-``_CachedAttention``, wrapped for this measurement only) and reports the growth of the rest. The table also splits
+``_CachedAttention`` and ``multi_cache._PerCacheAttention``, wrapped for this measurement only) and reports the growth of the rest. The table also splits
 the cached turn into the user-turn prefill and the reply.
 
 ``--clock cpu`` times process CPU time instead of wall time: with one thread the two agree on an idle machine, and
@@ -80,6 +80,7 @@ from chatumm_kit.data.shapes import (
     sample_text_to_image,
     sample_vqa,
 )
+from chatumm_kit.inference import multi_cache
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.session import ChatSession, SessionConfig
 from chatumm_kit.model import ChatUMM
@@ -196,29 +197,30 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 @contextmanager
 def attention_meter(clock: Callable[[], float]) -> Iterator[list[float]]:
-    """Accumulate, into the yielded ``[seconds]``, the time spent in cached attention: building the chunk's mask over
-    the cache and attending over it (``mot._CachedAttention``, the only code whose work grows with the history
-    besides copying cache rows). Wraps the class's methods for the duration of the block."""
+    """Accumulate, into the yielded ``[seconds]``, the time spent in cached attention: building each chunk's mask over
+    its cache and attending over it — ``mot._CachedAttention`` (prefill and decoded tokens) and
+    ``multi_cache._PerCacheAttention`` (an image's CFG contexts stacked into one forward), the only code whose work
+    grows with the history besides copying cache rows. Wraps the classes' methods for the duration of the block."""
     total = [0.0]
-    cls = mot._CachedAttention
-    init, call = cls.__init__, cls.__call__
+    classes = (mot._CachedAttention, multi_cache._PerCacheAttention)
+    originals = [(cls, cls.__init__, cls.__call__) for cls in classes]
 
-    def timed_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        t0 = clock()
-        init(self, *args, **kwargs)
-        total[0] += clock() - t0
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = clock()
+            out = fn(self, *args, **kwargs)
+            total[0] += clock() - t0
+            return out
 
-    def timed_call(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        t0 = clock()
-        out = call(self, *args, **kwargs)
-        total[0] += clock() - t0
-        return out
+        return wrapper
 
-    cls.__init__, cls.__call__ = timed_init, timed_call  # type: ignore[method-assign]
+    for cls, init, call in originals:
+        cls.__init__, cls.__call__ = timed(init), timed(call)  # type: ignore[method-assign]
     try:
         yield total
     finally:
-        cls.__init__, cls.__call__ = init, call  # type: ignore[method-assign]
+        for cls, init, call in originals:
+            cls.__init__, cls.__call__ = init, call  # type: ignore[method-assign]
 
 
 def metered(fn: Callable[[], dict[str, float]], meter: list[float]) -> Callable[[], dict[str, float]]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import chatumm_kit.inference.batch as batch_module
+import chatumm_kit.inference.steps as steps_module
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.inference.batch import respond_batch, run_together
 from chatumm_kit.inference.multi_cache import CacheChunk, forward_cache_chunks
@@ -136,17 +137,17 @@ def count_velocity_rows(model):
 @contextmanager
 def count_forwards():
     calls = []
-    inner = batch_module.forward_cache_chunks
+    inner = steps_module.forward_cache_chunks  # run_together's stacked forward
 
     def counting(backbone, chunks):
         calls.append(len(chunks))
         return inner(backbone, chunks)
 
-    batch_module.forward_cache_chunks = counting
+    steps_module.forward_cache_chunks = counting
     try:
         yield calls
     finally:
-        batch_module.forward_cache_chunks = inner
+        steps_module.forward_cache_chunks = inner
 
 
 # ---------------------------------------------------------------------------------------------- equality
@@ -182,7 +183,8 @@ def test_image_replies_equal_one_by_one_with_mixed_cfg_settings(model, tok):
     assert [len(r.images) for r in batch_replies] == [1] * 5 and batch_replies[4].images[0].shape == (3, 16, 32)
     # every step of this grid (t = 1, .86, .6) is guided; contexts run per session: "text" 2 (image-uncond is full),
     # "image+text" 3, "long" 3, "image" 2 (text scale 1, and text-uncond is full anyway), "long" at 2x4 tokens 3
-    assert n_alone == 3 * (2 + 3 + 3 + 2 + 3)  # alone: one velocity call per context and step
+    # alone: one stacked forward per session and step, over that session's contexts
+    assert rows[:n_alone] == [16 * 2] * 3 + [16 * 3] * 3 + [16 * 3] * 3 + [16 * 2] * 3 + [8 * 3] * 3
     assert rows[n_alone:] == [16 * (2 + 3 + 3 + 2) + 8 * 3] * 3  # together: one per step
 
 
@@ -203,8 +205,10 @@ def test_a_session_that_finishes_early_drops_out(model, tok):
     with forced(model, tok, "image"), count_forwards() as calls:
         result = both_ways(make, samplers, max_segments=1)
     assert_same_sessions(*result)
-    # contexts per session: 3, 3, 2 (no image: image-uncond is full); sessions leave after 1, 2, 4 steps
-    assert calls == [3 + 3 + 2, 3 + 2, 3, 3]
+    # contexts per session: 3, 3, 2 (no image: image-uncond is full). One by one: a stacked forward per session and
+    # step (1, 4 and 2 steps); together: all sessions per step, each leaving after its last step
+    assert calls[:7] == [3] + [3] * 4 + [2] * 2
+    assert calls[7:] == [3 + 3 + 2, 3 + 2, 3, 3]
 
 
 def test_batched_sessions_keep_chatting_and_roll_back_alike(model, tok):

@@ -20,9 +20,9 @@ is ~1e-16 and the replies, images and caches are identical (the tests check both
 
 **When it pays.** It saves per-op overhead and small matrix products, i.e. where one session's step is too small to
 keep the machine busy (small models, CPU). ``benchmarks/bench_sessions.py`` (CPU, 1 thread, ``chatumm_tiny``):
-8 sessions reply about 2.5× faster than one by one (text 2.55×, images 2.5–2.7×); even one session's image reply
-gains 1.6× (its CFG contexts share the forward). A lone decoding step (one session left, or one session) is answered by the
-plain cached step, which is cheaper for one token.
+8 sessions reply 2.4× faster than one by one with text and 1.65× with images (a lone session already stacks
+one image's CFG contexts into one forward, see :meth:`ChatSession.respond`). A lone decoding step (one session
+left, or one session) is answered by the plain cached step, which is cheaper for one token.
 
 Example:
     >>> replies = respond_batch([s1, s2, s3], samplers=[SamplerConfig(num_steps=20, seed=i) for i in range(3)])
@@ -38,83 +38,12 @@ from collections.abc import Sequence
 import torch
 
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.image_views import grid_rc
-from chatumm_kit.inference.context import CacheContext
-from chatumm_kit.inference.multi_cache import CacheChunk, forward_cache_chunks
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.session import AssistantReply, ChatSession
-from chatumm_kit.inference.steps import ModelStep, ReplySteps, TokenStep, VelocityStep, run_alone
+from chatumm_kit.inference.steps import ModelStep, ReplySteps, TokenStep, run_alone, run_together
 from chatumm_kit.model import ChatUMM
 
 __all__ = ["respond_batch", "run_together"]
-
-
-@torch.no_grad()
-def run_together(model: ChatUMM, tokenizer: ChatTokenizer, steps: Sequence[ModelStep]) -> list[torch.Tensor]:
-    """Answer the steps of several sessions with one forward; returns each step's answer, in order.
-
-    A :class:`TokenStep` becomes a one-token chunk (committed; its context's position advances by 1) and answers
-    its ``[D]`` output. A :class:`VelocityStep` becomes one noised-view chunk (``v_s`` + ``N`` latents + ``v_e`` at
-    the context's position, bidirectional, not committed) per context it needs at ``t``, and answers the guided
-    velocity ``[N, p²C]`` float32. Every context must belong to one step only.
-    """
-    if not steps:
-        return []
-    dev = model.backbone.lm_head.weight.device
-    backbone, vae = model.backbone, model.vae
-    chunks: list[CacheChunk] = []
-    token_steps = [s for s in steps if isinstance(s, TokenStep)]
-    velocity_steps = [s for s in steps if isinstance(s, VelocityStep)]
-    if len(token_steps) + len(velocity_steps) != len(steps):
-        bad = next(s for s in steps if not isinstance(s, TokenStep | VelocityStep))
-        raise TypeError(f"run_together: not a model step: {bad!r}")
-
-    if token_steps:
-        embedded = backbone.embed_tokens(torch.tensor([s.token_id for s in token_steps], device=dev))
-        one = torch.ones(1, 1, dtype=torch.bool, device=dev)
-        for step, row in zip(token_steps, embedded):
-            chunks.append(_chunk(step.context, row[None], torch.zeros(1, dtype=torch.bool), one, commit=True))
-
-    needed: list[list[CacheContext]] = [s.contexts() for s in velocity_steps]
-    if velocity_steps:
-        # each image's latents are embedded once and shared by its contexts
-        x = torch.cat([s.x_t.to(dev) for s in velocity_steps])
-        t = torch.cat([torch.full((s.x_t.shape[0],), float(s.t), device=dev) for s in velocity_steps])
-        rc = torch.cat([grid_rc(*s.grid).to(dev) for s in velocity_steps])
-        latents = vae.embed(x, t, rc).split([s.x_t.shape[0] for s in velocity_steps])
-        v_s, v_e = backbone.embed_tokens(torch.tensor([tokenizer.vision_start_id, tokenizer.vision_end_id], device=dev))
-        for lat, contexts in zip(latents, needed):
-            hidden = torch.cat([v_s[None], lat.to(v_s.dtype), v_e[None]])
-            n = hidden.shape[0]
-            is_gen = torch.ones(n, dtype=torch.bool)
-            is_gen[0] = is_gen[-1] = False
-            full = torch.ones(n, n, dtype=torch.bool, device=dev)
-            chunks.extend(_chunk(ctx, hidden, is_gen, full, commit=False) for ctx in contexts)
-
-    outs = forward_cache_chunks(backbone, chunks)
-
-    answers: dict[int, torch.Tensor] = {}
-    for step, out in zip(token_steps, outs):
-        step.context.position += 1
-        answers[id(step)] = out[0]
-    if velocity_steps:
-        view_outs = outs[len(token_steps) :]
-        velocity = vae.velocity(torch.cat([o[1:-1] for o in view_outs])).float()
-        per_view = iter(velocity.split([o.shape[0] - 2 for o in view_outs]))
-        for step, contexts in zip(velocity_steps, needed):
-            answers[id(step)] = step.combine({id(ctx): next(per_view) for ctx in contexts})
-    return [answers[id(s)] for s in steps]
-
-
-def _chunk(
-    ctx: CacheContext, hidden: torch.Tensor, is_gen: torch.Tensor, mask: torch.Tensor, *, commit: bool
-) -> CacheChunk:
-    n = hidden.shape[0]
-    positions = torch.full((n,), ctx.position, device=hidden.device)
-    return CacheChunk(
-        cache=ctx.cache, hidden=hidden, position_ids=positions, is_gen=is_gen.to(hidden.device), mask=mask,
-        commit=commit,
-    )  # fmt: skip
 
 
 @torch.no_grad()
