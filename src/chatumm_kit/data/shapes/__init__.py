@@ -18,31 +18,85 @@ Example:
     1.0
 """
 
-# Everything that scene, generator, language, score and tasks export, and the pixel and geometry entry points of
-# render, detect and geometry (their helpers, and the phrasing tables and images data module, stay in their modules).
 from .detect import detect, detect_batch
-from .generator import *  # noqa: F403
-from .generator import __all__ as _generator_all
+from .generator import SceneGenerator, sample_object, sample_scene
 from .geometry import SHAPE_PREDICATES
-from .language import *  # noqa: F403
-from .language import __all__ as _language_all
+from .language import (
+    ObjectQuery,
+    default_config,
+    describe,
+    describe_objects,
+    distinguishing_query,
+    object_text,
+    parse_caption,
+    parse_position,
+    position_name,
+    refer_to,
+    resolve_reference,
+)
 from .render import render, render_batch
-from .scene import *  # noqa: F403
-from .scene import __all__ as _scene_all
-from .score import *  # noqa: F403
-from .score import __all__ as _score_all
-from .tasks import *  # noqa: F403
-from .tasks import __all__ as _tasks_all
+from .scene import DEFAULT_PALETTE, DEFAULT_SHAPES, DEFAULT_SIZES, Scene, ShapeObject, WorldConfig
+from .score import AttributeScore, match_objects, score
+from .tasks import (
+    VQA,
+    Caption,
+    Edit,
+    EditOp,
+    QuestionKind,
+    TextToImage,
+    answer_question,
+    normalise_answer,
+    sample_caption,
+    sample_edit,
+    sample_text_to_image,
+    sample_vqa,
+    valid_edit_ops,
+)
 
 __all__ = [
-    *_scene_all,  # scenes and world
-    *_generator_all,
+    # scenes and world
+    "ShapeObject",
+    "Scene",
+    "WorldConfig",
+    "default_config",
+    "DEFAULT_SHAPES",
+    "DEFAULT_PALETTE",
+    "DEFAULT_SIZES",
     "SHAPE_PREDICATES",
-    "render",  # pixels
+    "SceneGenerator",
+    "sample_scene",
+    "sample_object",
+    # pixels
+    "render",
     "render_batch",
     "detect",
     "detect_batch",
-    *_score_all,
-    *_language_all,  # words
-    *_tasks_all,  # tasks
+    "AttributeScore",
+    "score",
+    "match_objects",
+    # words
+    "position_name",
+    "parse_position",
+    "object_text",
+    "describe_objects",
+    "describe",
+    "parse_caption",
+    "ObjectQuery",
+    "distinguishing_query",
+    "refer_to",
+    "resolve_reference",
+    # tasks
+    "EditOp",
+    "QuestionKind",
+    "TextToImage",
+    "Edit",
+    "VQA",
+    "Caption",
+    "sample_text_to_image",
+    "sample_edit",
+    "sample_vqa",
+    "sample_caption",
+    "valid_edit_ops",
+    "answer_question",
+    "normalise_answer",
 ]
