@@ -62,6 +62,7 @@ from chatumm_kit.data.streaming import (
     StreamBatch,
     sources_fingerprint,
 )
+from chatumm_kit.data.word_noise import WordNoise
 
 __all__ = ["DialogueDataModule", "SourceSpec", "StreamBatch"]
 
@@ -158,6 +159,8 @@ class DialogueDataModule(L.LightningDataModule):
         max_sample_tokens: longest sample kept (default ``token_budget``); longer ones are skipped and counted.
         overflow_size: samples that may wait in the batcher's overflow buffer.
         drop_rates: CFG dropout rates for training (:class:`CFGDropRates` or a mapping ``{text, vit, vae}``).
+        word_noise: corrupts user text in training (:class:`~chatumm_kit.data.word_noise.WordNoise`); never in
+            validation. ``None`` for none.
         num_workers: DataLoader workers per rank (0: read in the main process).
         shuffle_buffer: raw samples in the shuffle buffer (training; ``<= 1`` keeps order).
         resampled: draw shards with replacement (multi-rank training); see the module docstring.
@@ -188,6 +191,7 @@ class DialogueDataModule(L.LightningDataModule):
         max_sample_tokens: int | None = None,
         overflow_size: int = 32,
         drop_rates: CFGDropRates | Mapping[str, float] | None = None,
+        word_noise: WordNoise | None = None,
         num_workers: int = 2,
         shuffle_buffer: int = 1000,
         resampled: bool = False,
@@ -217,6 +221,9 @@ class DialogueDataModule(L.LightningDataModule):
         if isinstance(drop_rates, Mapping):
             drop_rates = CFGDropRates(**drop_rates)
         self.drop_rates = drop_rates if drop_rates is not None else CFGDropRates()
+        if word_noise is not None and not isinstance(word_noise, WordNoise):
+            raise ValueError(f"DialogueDataModule.word_noise must be a WordNoise, got {type(word_noise).__name__}")
+        self.word_noise = word_noise
         self.packer_kwargs = dict(
             vit_patch_size=vit_patch_size,
             vae_token_stride=vae_token_stride,
@@ -294,6 +301,7 @@ class DialogueDataModule(L.LightningDataModule):
             world_size=self.world_size,
             stage=stage,
             max_health_examples=self.max_health_examples,
+            word_noise=self.word_noise if stage == "train" else None,
         )
         if stage == "train":
             self._fingerprint = sources_fingerprint(sources)

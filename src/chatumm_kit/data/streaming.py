@@ -30,8 +30,9 @@ records the packer's buffer (``waiting``, in read order) and whether the stream 
 packs its tail first-fit decreasing), and the resumed packer starts from that buffer
 (:class:`~chatumm_kit.data.packing.TokenBudgetBatcher`'s ``buffered`` / ``ended``). CFG dropout draws come from a
 generator per sample seeded with ``(seed, epoch, rank, worker, sample key)`` (:meth:`DialogueStream.cfg_generator`),
-never from a running generator, so they do not depend on where a run resumed. (The datamodule restores the
-workers' round-robin order, see :mod:`chatumm_kit.data.datamodule`.)
+never from a running generator, so they do not depend on where a run resumed; so do the draws of the optional
+:class:`~chatumm_kit.data.word_noise.WordNoise` (:meth:`DialogueStream.noise_rng`), applied to each sample right
+after decoding. (The datamodule restores the workers' round-robin order, see :mod:`chatumm_kit.data.datamodule`.)
 
 Each worker holds back its latest batch until the next one is ready, so its last batch carries the final position
 and health (including skips after the last emitted sample).
@@ -63,6 +64,7 @@ from chatumm_kit.data.dialogue import DialogueSample
 from chatumm_kit.data.packing import Packer, PackingError, TokenBudgetBatcher
 from chatumm_kit.data.shards import RawSample, ShardRef, decode_sample, iter_shard, resolve_shards
 from chatumm_kit.data.skips import DataHealth, SkipReason
+from chatumm_kit.data.word_noise import WordNoise
 
 __all__ = ["SourceSpec", "ResolvedSource", "DataPosition", "StreamBatch", "DialogueStream", "assign_shards"]
 
@@ -288,6 +290,7 @@ class DialogueStream(IterableDataset):
         rank / world_size: this process's place among the ranks.
         stage: ``"train"`` or ``"val"`` (labels the batches; val batches carry no position to save).
         max_health_examples: examples kept per worker in its :class:`DataHealth`.
+        word_noise: corrupts the user text of each decoded sample (training augmentation); ``None`` for none.
 
     Call :meth:`set_plan` in the main process before each epoch's ``iter()`` (the datamodule's loader does).
     """
@@ -309,6 +312,7 @@ class DialogueStream(IterableDataset):
         world_size: int = 1,
         stage: str = "train",
         max_health_examples: int = 16,
+        word_noise: WordNoise | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -331,6 +335,7 @@ class DialogueStream(IterableDataset):
         self.world_size = world_size
         self.stage = stage
         self.max_health_examples = max_health_examples
+        self.word_noise = word_noise
         self.epoch = 0
         self.resume: dict[int, tuple[DataPosition, DataHealth]] = {}
         # Fail at construction, not in a worker: the batcher validates budget vs. the packer's padding multiple.
@@ -416,6 +421,11 @@ class DialogueStream(IterableDataset):
         """
         return torch.Generator().manual_seed(_torch_seed(self.seed, self.epoch, self.rank, worker, key, "cfg"))
 
+    def noise_rng(self, key: str, *, worker: int) -> random.Random:
+        """The random stream of the sample ``key``'s :class:`WordNoise` draws: like :meth:`cfg_generator`, a pure
+        function of ``(seed, epoch, rank, worker, key)``."""
+        return _rng(self.seed, self.epoch, self.rank, worker, key, "words")
+
     def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -448,6 +458,8 @@ class DialogueStream(IterableDataset):
                 if sample is None:
                     progress.mark(ordinal)
                     continue
+                if self.word_noise is not None:
+                    sample = self.word_noise(sample, self.noise_rng(key, worker=worker))
                 # The batcher would skip an over-cap sample itself; checking here names the reason and the size.
                 try:
                     n = self.packer.measure(sample)

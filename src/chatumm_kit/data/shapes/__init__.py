@@ -33,6 +33,7 @@ from .language import (
     position_name,
     refer_to,
     resolve_reference,
+    world_words,
 )
 from .render import render, render_batch
 from .scene import DEFAULT_PALETTE, DEFAULT_SHAPES, DEFAULT_SIZES, Scene, ShapeObject, WorldConfig
@@ -78,6 +79,7 @@ __all__ = [
     "position_name",
     "parse_position",
     "object_text",
+    "world_words",
     "describe_objects",
     "describe",
     "parse_caption",

@@ -46,6 +46,7 @@ __all__ = [
     "distinguishing_query",
     "refer_to",
     "resolve_reference",
+    "world_words",
 ]
 
 _VERTICAL = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}
@@ -347,3 +348,30 @@ def resolve_reference(text: str, scenes: Sequence[Scene], *, config: WorldConfig
     if not queries:
         return []
     return [i for i, s in enumerate(scenes) if all(q.select(s) for q in queries)]
+
+
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def world_words(config: WorldConfig | None = None) -> frozenset[str]:
+    """Every lowercase word that names something in the world: colours, shapes and their plurals, sizes, position
+    words, numbers (digits and words) and the articles, whose definiteness tells an existing object ("the red
+    circle") from a new one ("a red circle").
+
+    What :class:`~chatumm_kit.data.word_noise.WordNoise` must never corrupt on ShapesChat: the words a request's
+    meaning rests on.
+
+    Example:
+        >>> {"red", "circles", "top", "3", "the"} <= world_words()
+        True
+        >>> "draw" in world_words()
+        False
+    """
+    cfg = _cfg(config)
+    words = {*cfg.palette, *cfg.sizes, *_VERTICAL, *_HORIZONTAL, *_MIDDLE, "a", "an", "the", *_NUMBER_WORDS}
+    for shape in cfg.shapes:
+        words |= {shape, phrasing.plural(shape)}
+    for cell in range(cfg.grid * cfg.grid):
+        words |= set(position_name(cell, cfg.grid).split())
+    words |= {str(n) for n in range(cfg.grid * cfg.grid + 1)}
+    return frozenset(w for phrase in words for w in phrase.split())
