@@ -88,7 +88,7 @@ def test_validation_is_never_corrupted(tok, data) -> None:  # noqa: F811
     src = [{"name": "a", "shards": str(data["a"])}]
     noise = WordNoise(turn_prob=1.0, replace=1.0, drop=0.0)
     noisy, plain = (make_dm(tok, data, val_sources=src, word_noise=n) for n in (noise, None))
-    ids = [[noisy.consume(x).input_ids for x in dm.val_dataloader()] for dm in (noisy, plain)]
+    ids = [[dm.consume(x).input_ids for x in dm.val_dataloader()] for dm in (noisy, plain)]
     assert len(ids[0]) == len(ids[1]) and all((a == b).all() for a, b in zip(*ids))
     with pytest.raises(ValueError, match="word_noise"):
         make_dm(tok, data, word_noise={"replace": 0.2})

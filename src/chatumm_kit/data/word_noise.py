@@ -28,11 +28,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import string
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from chatumm_kit.data.dialogue import DialogueSample, Role, TextSegment, Turn
 
@@ -84,8 +85,9 @@ class WordNoise:
         Whitespace is normalised to single spaces. If every word would be dropped, the first one stays, so a
         segment never becomes empty.
         """
+        tokens = text.split()
         out: list[str] = []
-        for token in text.split():
+        for token in tokens:
             m = _WORD.match(token)
             if m is None or self._kept(m.group(2)):
                 out.append(token)
@@ -99,9 +101,7 @@ class WordNoise:
                 out.append(lead + (word.capitalize() if core[:1].isupper() else word) + trail)
             else:
                 out.append(token)
-        if not out and text.split():
-            out = text.split()[:1]
-        return " ".join(out)
+        return " ".join(out or tokens[:1])
 
     def __call__(self, sample: DialogueSample, rng: random.Random) -> DialogueSample:
         """``sample`` with its user text segments corrupted (a new sample; images and meta shared, not copied)."""
@@ -111,10 +111,10 @@ class WordNoise:
                 turns.append(turn)
                 continue
             segments = [
-                replace(seg, text=self.corrupt(seg.text, rng))
+                dataclasses.replace(seg, text=self.corrupt(seg.text, rng))
                 if isinstance(seg, TextSegment) and rng.random() < self.turn_prob
                 else seg
                 for seg in turn.segments
             ]
-            turns.append(replace(turn, segments=segments))
-        return replace(sample, dialogue=replace(sample.dialogue, turns=turns))
+            turns.append(dataclasses.replace(turn, segments=segments))
+        return dataclasses.replace(sample, dialogue=dataclasses.replace(sample.dialogue, turns=turns))

@@ -52,6 +52,7 @@ __all__ = [
 _VERTICAL = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}
 _HORIZONTAL = {"left": 0, "right": 2}
 _MIDDLE = {"center", "centre", "middle"}
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # index = value
 _NAMES_3 = (
     "top left",
     "top center",
@@ -350,9 +351,6 @@ def resolve_reference(text: str, scenes: Sequence[Scene], *, config: WorldConfig
     return [i for i, s in enumerate(scenes) if all(q.select(s) for q in queries)]
 
 
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
 def world_words(config: WorldConfig | None = None) -> frozenset[str]:
     """Every lowercase word that names something in the world: colours, shapes and their plurals, sizes, position
     words, numbers (digits and words) and the articles, whose definiteness tells an existing object ("the red
@@ -369,9 +367,7 @@ def world_words(config: WorldConfig | None = None) -> frozenset[str]:
     """
     cfg = _cfg(config)
     words = {*cfg.palette, *cfg.sizes, *_VERTICAL, *_HORIZONTAL, *_MIDDLE, "a", "an", "the", *_NUMBER_WORDS}
-    for shape in cfg.shapes:
-        words |= {shape, phrasing.plural(shape)}
-    for cell in range(cfg.grid * cfg.grid):
-        words |= set(position_name(cell, cfg.grid).split())
+    words |= {*cfg.shapes, *map(phrasing.plural, cfg.shapes)}
+    words |= {position_name(cell, cfg.grid) for cell in range(cfg.grid * cfg.grid)}
     words |= {str(n) for n in range(cfg.grid * cfg.grid + 1)}
-    return frozenset(w for phrase in words for w in phrase.split())
+    return frozenset(w for phrase in words for w in phrase.split())  # multi-word names and positions → words

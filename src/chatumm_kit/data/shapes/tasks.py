@@ -31,6 +31,7 @@ from typing import Any
 from . import phrasing
 from .generator import sample_object, sample_scene
 from .language import (
+    _NUMBER_WORDS,
     NAMING_ORDER,
     ObjectQuery,
     default_config,
@@ -318,7 +319,7 @@ def answer_question(
     return position_name(obj.cell, _cfg(config).grid)
 
 
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+_NUMBERS = {w: str(i) for i, w in enumerate(_NUMBER_WORDS)}
 _LEADING = re.compile(r"^(?:(?:it is|it's|there (?:is|are)|the answer is|in the|at the|the|a|an)\s+)+")
 
 
