@@ -111,6 +111,9 @@ COMMANDS: dict[str, Command] = {
     "chat": _delegated(
         "chat with a trained model: chatumm chat CHECKPOINT [--script FILE]", "chatumm_kit.inference.chat_cli"
     ),
+    "data": _delegated(
+        "dialogue data tools: chatumm data import JSONL --images DIR --out SHARDS_DIR", "chatumm_kit.data.import_cli"
+    ),
     "eval": _delegated("run the multi-turn context-tracking benchmark: chatumm eval ...", "chatumm_kit.eval.cli"),
 }
 

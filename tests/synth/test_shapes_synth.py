@@ -184,3 +184,22 @@ def test_pool_seeds_and_follow_ups(tmp_path):
     assert pool.fresh("chat", rng) is None
     with pytest.raises(ValueError, match="seeds"):
         ShapesPool(seeds=[5, 5])
+
+
+def test_cfg_dropout_marks_follow_the_image_replies_policy(dialogues):
+    """A user turn is droppable exactly when a generated image answers it (SPEC §4; data/droppable.py)."""
+    from chatumm_kit.data.dialogue import Role
+    from chatumm_kit.data.droppable import answered_with_image
+
+    _, samples = dialogues
+    seen = set()
+    for s in samples:
+        turns = s.dialogue.turns
+        for i, t in enumerate(turns):
+            if t.role is Role.USER:
+                want = answered_with_image(turns, i)
+                seen.add(want)
+                assert [seg.droppable for seg in t.segments] == [want] * len(t.segments), (s.dialogue.id, i)
+            else:
+                assert not any(seg.droppable for seg in t.segments)
+    assert seen == {True, False}

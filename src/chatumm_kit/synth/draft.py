@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, Segment, TextSegment, Turn
+from chatumm_kit.data.droppable import DroppablePolicy, mark_droppable
 from chatumm_kit.synth.records import ImageRef
 from chatumm_kit.synth.taxonomy import InputModality, OutputModality, Task, TurnTags
 
@@ -341,9 +342,8 @@ class DialogueDraft:
         turns: list[Turn] = []
         for j, ex in enumerate(self.exchanges):
             tags = self.tags(j)
-            drop = ex.reply_image is not None  # CFG condition dropout only where the reply is generated (SPEC §4)
-            user: list[Segment] = [ImageSegment(image=name[k], droppable=drop) for k in ex.user_images]
-            user.append(TextSegment(text=ex.query, droppable=drop))
+            user: list[Segment] = [ImageSegment(image=name[k]) for k in ex.user_images]
+            user.append(TextSegment(text=ex.query))
             reply: list[Segment] = []
             if ex.reply_image:
                 reply.append(ImageSegment(image=name[ex.reply_image]))
@@ -384,7 +384,8 @@ class DialogueDraft:
             interleaved=self.interleaved,
             images=images_meta,
         )
-        dialogue = Dialogue(id=self.id, turns=turns, meta=meta.to_dict())
+        # CFG condition dropout only where the reply is a generated image (SPEC §4; the rule: data/droppable.py).
+        dialogue = mark_droppable(Dialogue(id=self.id, turns=turns, meta=meta.to_dict()), DroppablePolicy.IMAGE_REPLIES)
         sample = DialogueSample(
             dialogue=dialogue, images={name[k]: self.images[k].ref.tensor() for k in order}, key=self.id
         )
