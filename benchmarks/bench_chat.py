@@ -139,7 +139,7 @@ def build(hidden: int, layers: int, vocab_size: int = 512) -> tuple[ChatUMM, Cha
     width at 128 × 4) with random weights, jittered so the experts differ and the velocity head is non-zero."""
     tokenizer = ChatTokenizer.train(corpus(), vocab_size=vocab_size)
     torch.manual_seed(0)
-    spec = {"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size, "hidden_size": hidden,
+    spec = {"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size, "hidden_size": hidden,
             "num_layers": layers, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 3 * hidden}  # fmt: skip
     model = build_model(spec)
     with torch.no_grad():

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.datamodule import DialogueDataModule
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn
 from chatumm_kit.data.shards import DialogueShardWriter

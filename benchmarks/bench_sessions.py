@@ -51,7 +51,7 @@ def tiny_model() -> tuple[ChatUMM, ChatTokenizer]:
     """``chatumm_tiny`` and its tokenizer, built as ``tests/inference/test_session.py`` builds them."""
     tokenizer = ChatTokenizer.train(TEXTS * 5, vocab_size=300)
     torch.manual_seed(0)
-    model = build_model({"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size})
+    model = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size})
     with torch.no_grad():  # make the experts differ and the velocity head non-zero
         for p in [*model.backbone.parameters(), *model.vae.llm2vae.parameters()]:
             p.add_(0.05 * torch.randn_like(p))

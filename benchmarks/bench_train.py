@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.masks import MaskBuilder
 from chatumm_kit.components.mot import GEN_SUFFIX, MoTBackbone, MoTConfig
 from chatumm_kit.components.splits import AttnMode, Modality, SplitTable
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config import load_recipe
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.dialogue import DialogueSample
 from chatumm_kit.data.packing import CFGDropRates, Packer, TokenBudgetBatcher
 from chatumm_kit.data.shards import read_samples
@@ -156,7 +156,9 @@ def measure_model(
     real = sum(b.num_real_tokens for b in singles)
     if sum(b.num_real_tokens for b in packed) != real or batcher.stats.samples != len(samples):
         raise RuntimeError(f"{name}: packed and unpacked loops would not train on the same tokens")
-    model = build_model({"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size, **spec}).train()
+    model = build_model(
+        {"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size, **spec}
+    ).train()
     packed_runs: list[float] = []
     unpacked_runs: list[float] = []
     for r in range(repeats):  # interleaved, alternating order: load drift hits both loops alike

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from chatumm_kit.data.shapes import WorldConfig
-from chatumm_kit.eval import load_checkpoint
-from chatumm_kit.eval.responders import session_config_for
-from chatumm_kit.inference import ChatSession, SamplerConfig
+from chatumm_kit.inference import ChatSession, SamplerConfig, SessionConfig
+from chatumm_kit.training.loading import load_checkpoint
 
 USER_TURNS: tuple[str, ...] = (
     "Could you draw a large red circle in the center?",
@@ -42,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     torch.set_num_threads(1)
     loaded = load_checkpoint(args.checkpoint)
     world = WorldConfig(image_size=32)  # the ShapesChat world of recipes/shapes/*.yaml
-    config = session_config_for(loaded.model, world)
+    config = SessionConfig.for_model(loaded.model, image_size=world.image_size)
     session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config)
     lines: list[str] = []
     images: list[torch.Tensor] = []

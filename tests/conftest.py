@@ -36,10 +36,10 @@ prepare:
     vocab_size: 300
 system:
   _component_: chatumm_kit.systems.unified.ChatUMMSystem
-  model: {{preset: chatumm_tiny, tokenizer: "${{vars.data_dir}}/tokenizer", hidden_size: 32, num_layers: 1,
-          intermediate_size: 64, vit_hidden: 32, vit_layers: 1}}
+  model: {{_component_: chatumm_kit.presets.chatumm_tiny, tokenizer: "${{vars.data_dir}}/tokenizer", hidden_size: 32,
+          num_layers: 1, intermediate_size: 64, vit_hidden: 32, vit_layers: 1}}
   optimizer: {{lr: 1.0e-2, weight_decay: 0.0}}
-  schedule: {{kind: constant}}
+  schedule: {{_component_: chatumm_kit.training.schedules.ConstantSchedule}}
 data:
   _component_: chatumm_kit.data.datamodule.DialogueDataModule
   train_sources: [{{name: shapes, shards: "${{vars.data_dir}}/train/index.json"}}]

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from chatumm_kit.components.tokenizer import ChatTokenizer
+from chatumm_kit.config import resolve_callable
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn
 from chatumm_kit.data.packing import Packer
 from chatumm_kit.model import FlowInputs
-from chatumm_kit.presets import build_model, chatumm_bagel_7b, check_model_spec
+from chatumm_kit.presets import LEGACY_PRESET_NAMES, build_model, chatumm_bagel_7b, check_model_spec, model_spec
 
 TEXTS = ["draw a red circle", "what colour is it", "it is red", "make it blue", "a blue square"]
 
@@ -40,7 +41,7 @@ def batch(tokenizer):
 
 @pytest.fixture
 def model(tokenizer):
-    return build_model({"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size})
+    return build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size})
 
 
 def test_forward_shapes_and_counts(model, batch, tokenizer):
@@ -110,7 +111,7 @@ def test_frozen_autoencoder_gets_no_gradient(model, batch):
 
 def test_tiny_preset_is_fast(tokenizer, batch):
     start = time.perf_counter()
-    model = build_model({"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size})
+    model = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size})
     built = time.perf_counter() - start
     model(batch)  # warm-up
     start = time.perf_counter()
@@ -135,15 +136,38 @@ def test_bagel_7b_builds_on_meta_without_allocating():
 
 def test_model_spec_errors_name_the_key():
     with pytest.raises(ValueError, match="model.hiden_size: unexpected keyword argument 'hiden_size'"):
-        check_model_spec({"preset": "chatumm_tiny", "hiden_size": 3})
+        check_model_spec({"_component_": "chatumm_kit.presets.chatumm_tiny", "hiden_size": 3})
+    with pytest.raises(ValueError, match="model._component_: 'os.system' is outside the allowed import roots"):
+        check_model_spec({"_component_": "os.system"})
     with pytest.raises(ValueError, match="model.preset: unknown preset 'nope'"):
         check_model_spec({"preset": "nope"})
+    with pytest.raises(ValueError, match="model: a model spec needs _component_"):
+        check_model_spec({"vocab_size": 3})
+
+
+def test_an_old_preset_spec_builds_the_same_model_as_its_component_form(tokenizer):
+    """Checkpoints and kit folders written before _component_ named the model hold {preset: NAME}: still loads."""
+    old = {"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size, "hidden_size": 32}
+    assert model_spec(old) == {
+        "_component_": "chatumm_kit.presets.chatumm_tiny",
+        "vocab_size": tokenizer.vocab_size,
+        "hidden_size": 32,
+    }
+    torch.manual_seed(0)
+    a = build_model(old)
+    torch.manual_seed(0)
+    b = build_model(model_spec(old))
+    assert a.hidden_size == 32 and a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert {name: resolve_callable(dotted).__name__ for name, dotted in LEGACY_PRESET_NAMES.items()} == {
+        name: name for name in LEGACY_PRESET_NAMES
+    }
 
 
 def test_system_freeze_switches_decide_which_parts_get_gradients(tokenizer, batch):
     from chatumm_kit.systems.unified import ChatUMMSystem
 
-    spec = {"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size}
+    spec = {"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size}
     frozen = ChatUMMSystem(model=spec, freeze={"vit": True, "understanding": True})
     frozen.configure_model()
     out = frozen.model(batch)

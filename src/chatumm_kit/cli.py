@@ -86,6 +86,54 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a ChatUMMSystem checkpoint (.ckpt file or sharded folder)")
+    p.add_argument("--script", help="a JSON-lines dialogue script to play instead of chatting interactively")
+    p.add_argument("--out", default="chat_out", help="where generated images (and replies.jsonl) go")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=(32, 32), help="generated image size")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps per generated image")
+    p.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale")
+    p.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy text decoding")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    """``chatumm chat``: load the checkpoint, build the session, hand it to the chat loop of
+    :mod:`chatumm_kit.inference.chat_loop` (interactive on stdin, or ``--script``)."""
+    from pathlib import Path
+
+    from chatumm_kit.inference.chat_loop import interactive, play_script
+    from chatumm_kit.inference.sampler import SamplerConfig
+    from chatumm_kit.inference.session import ChatSession, SessionConfig
+    from chatumm_kit.training.loading import load_checkpoint
+
+    try:
+        loaded = load_checkpoint(args.checkpoint, use_ema=False if args.no_ema else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = SessionConfig.for_model(loaded.model, image_size=tuple(args.image_size))
+    session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config)
+    sampler = SamplerConfig(
+        num_steps=args.steps, cfg_text_scale=args.cfg_text, cfg_image_scale=args.cfg_image, seed=args.seed
+    )
+    out = Path(args.out)
+    if args.script:
+        try:
+            replies = play_script(session, args.script, out=out, sampler=sampler)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"replies: {replies}")
+        return 0
+    respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    interactive(session, sampler=sampler, out=out, lines=sys.stdin, write=sys.stdout, respond_kwargs=respond_kwargs)
+    return 0
+
+
 def _delegated(help_line: str, module: str) -> Command:
     """A command implemented in ``module`` (``add_arguments(parser)`` and ``run(args) -> int``), imported lazily so
     ``chatumm --help`` stays fast."""
@@ -108,9 +156,7 @@ COMMANDS: dict[str, Command] = {
         "convert checkpoints: chatumm convert KIND SOURCE OUTPUT (BAGEL, Qwen2, SigLIP, FLUX VAE)",
         "chatumm_kit.convert.cli",
     ),
-    "chat": _delegated(
-        "chat with a trained model: chatumm chat CHECKPOINT [--script FILE]", "chatumm_kit.inference.chat_cli"
-    ),
+    "chat": Command("chat with a trained model: chatumm chat CHECKPOINT [--script FILE]", _chat_args, _run_chat),
     "data": _delegated(
         "dialogue data tools: chatumm data import JSONL --images DIR --out SHARDS_DIR", "chatumm_kit.data.import_cli"
     ),

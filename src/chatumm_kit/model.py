@@ -1,6 +1,6 @@
 """`ChatUMM`: the components composed into one conversational unified model (SPEC §2–4).
 
-One packed sequence goes in (:class:`~chatumm_kit.data.batch.PackedBatch`); the model
+One packed sequence goes in (:class:`~chatumm_kit.components.batch.PackedBatch`); the model
 
 1. embeds text and markers with the token table, ViT views with the ViT encoder, and VAE views with the VAE latent
    head (clean views at ``t = 0``, noised views at a sampled ``t``, one per image);
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.masks import DocumentMask, MaskBuilder
 from chatumm_kit.components.mot import MoTBackbone
 from chatumm_kit.components.vae import VAELatentHead
 from chatumm_kit.components.vit import ViTEncoder
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.flow import noise_latents, sample_train_timesteps, velocity_target
 
 __all__ = ["ChatUMM", "ChatUMMOutput", "FlowInputs"]

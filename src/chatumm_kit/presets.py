@@ -1,13 +1,19 @@
-"""Named model sizes: ``chatumm_tiny`` (the embedded ShapesChat world, CPU) and ``chatumm_bagel_7b`` (BAGEL-7B-MoT).
+"""Named model sizes: ``chatumm_tiny`` (the embedded ShapesChat world, CPU) and ``chatumm_bagel_7b`` (BAGEL-7B-MoT),
+and :func:`build_model`, which builds the model a *model spec* describes.
 
-A *model spec* is a plain mapping ``{"preset": NAME, **keyword arguments of that preset}``: what a recipe writes
-under ``system.model`` and what a training system stores in its hyperparameters, so a checkpoint can rebuild the
-model without pickled objects.
+A model spec is a recipe node like any other: ``{"_component_": dotted.path, **keyword arguments}`` naming a callable
+that returns a :class:`~chatumm_kit.model.ChatUMM` — a preset here, :func:`chatumm_kit.convert.bagel.chatumm_bagel`
+(BAGEL's architecture at any size) or :func:`chatumm_kit.convert.bagel.kit_folder` (a converted model folder). It
+is what a recipe writes under ``system.model``, what a training system stores in its hyperparameters and what a kit
+folder's ``model.json`` holds, so a checkpoint rebuilds its model without pickled objects. Specs written before the
+kit used ``_component_`` here (``{"preset": NAME, ...}``) still load: :func:`model_spec` maps the old names.
 
 Example:
-    >>> model = build_model({"preset": "chatumm_tiny", "vocab_size": 300})
+    >>> model = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": 300})
     >>> model.hidden_size
     64
+    >>> model_spec({"preset": "chatumm_tiny", "vocab_size": 300})["_component_"]
+    'chatumm_kit.presets.chatumm_tiny'
     >>> with torch.device("meta"):
     ...     big = chatumm_bagel_7b()
     >>> big.backbone.embed_tokens.weight.shape
@@ -16,20 +22,36 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from chatumm_kit.components.masks import MaskBuilder
 from chatumm_kit.components.mot import MoTBackbone
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.components.vae import VAELatentHead, tiny_autoencoder
+from chatumm_kit.components.vae import FLUX_VAE_KWARGS, VAELatentHead, load_autoencoder_file, tiny_autoencoder
 from chatumm_kit.components.vit import ViTEncoder
+from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, validate_recipe
+from chatumm_kit.config.instantiate import COMPONENT_KEY
 from chatumm_kit.model import ChatUMM
-from chatumm_kit.training.callbacks import load_autoencoder_file
 
-__all__ = ["PRESETS", "build_model", "check_model_spec", "chatumm_tiny", "chatumm_bagel_7b"]
+__all__ = [
+    "LEGACY_PRESET_NAMES",
+    "build_model",
+    "check_model_spec",
+    "chatumm_bagel_7b",
+    "chatumm_tiny",
+    "flux_autoencoder_kwargs",
+    "model_spec",
+]
+
+# The ``{"preset": NAME}`` model specs of checkpoints and kit folders written before ``_component_`` named the model.
+LEGACY_PRESET_NAMES: dict[str, str] = {
+    "chatumm_tiny": "chatumm_kit.presets.chatumm_tiny",
+    "chatumm_bagel_7b": "chatumm_kit.presets.chatumm_bagel_7b",
+    "chatumm_bagel": "chatumm_kit.convert.bagel.chatumm_bagel",
+    "kit_folder": "chatumm_kit.convert.bagel.kit_folder",
+}
+_LEGACY_KEY = "preset"
 
 
 def _vocab_size(vocab_size: int | None, tokenizer: str | None) -> int:
@@ -146,63 +168,30 @@ def chatumm_bagel_7b(
 
 def flux_autoencoder_kwargs() -> dict[str, Any]:
     """``AutoencoderKL`` arguments of the FLUX VAE (8× downsampling, 16 latent channels, no quant convs)."""
-    from chatumm_kit.convert.flux_vae import FLUX_VAE_KWARGS
-
     return dict(FLUX_VAE_KWARGS)
 
 
-def chatumm_bagel(**kwargs: Any) -> ChatUMM:
-    """BAGEL's architecture at any size, from the component keyword arguments a converted ``model.json`` holds
-    (see :func:`chatumm_kit.convert.bagel.bagel_model_spec`)."""
-    from chatumm_kit.convert.bagel import chatumm_bagel as build
-
-    return build(**kwargs)
-
-
-def kit_folder(*, path: str, attn_backend: str | None = None, gradient_checkpointing: bool | None = None) -> ChatUMM:
-    """The model saved in a kit folder (``chatumm convert bagel-to-kit BAGEL_DIR KIT_DIR``), weights included.
-
-    ``attn_backend`` / ``gradient_checkpointing`` override the saved settings (e.g. ``sdpa`` on CPU).
-    """
-    from chatumm_kit.convert.bagel import load_kit_folder
-
-    model = load_kit_folder(path).module
-    if attn_backend is not None:
-        model.backbone.config = replace(model.backbone.config, attn_backend=attn_backend)
-    if gradient_checkpointing is not None:
-        model.backbone.config = replace(model.backbone.config, gradient_checkpointing=gradient_checkpointing)
-    return model.train()
+def model_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` in the ``_component_`` form (an old ``{"preset": NAME}`` spec mapped through
+    :data:`LEGACY_PRESET_NAMES`); raises :class:`~chatumm_kit.config.RecipeError` naming ``model.preset`` when the
+    old name is unknown, or ``model`` when the spec names no callable at all."""
+    spec = dict(spec)
+    if COMPONENT_KEY in spec:
+        return spec
+    if _LEGACY_KEY not in spec:
+        raise RecipeError(f"model: a model spec needs {COMPONENT_KEY} (e.g. chatumm_kit.presets.chatumm_tiny)")
+    name = spec.pop(_LEGACY_KEY)
+    if name not in LEGACY_PRESET_NAMES:
+        raise RecipeError(f"model.preset: unknown preset {name!r} (known: {', '.join(LEGACY_PRESET_NAMES)})")
+    return {COMPONENT_KEY: LEGACY_PRESET_NAMES[name], **spec}
 
 
-PRESETS: dict[str, Callable[..., ChatUMM]] = {
-    "kit_folder": kit_folder,
-    "chatumm_tiny": chatumm_tiny,
-    "chatumm_bagel_7b": chatumm_bagel_7b,
-    "chatumm_bagel": chatumm_bagel,
-}
+def check_model_spec(spec: Mapping[str, Any], *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS) -> None:
+    """Raise :class:`~chatumm_kit.config.RecipeError` naming ``model.KEY`` when ``spec`` does not bind to its
+    callable's signature (the recipe validator's own rule, run on the one node; nothing is built)."""
+    validate_recipe({"model": model_spec(spec)}, allowed_roots=allowed_roots)
 
 
-def _split_spec(spec: Mapping[str, Any]) -> tuple[Callable[..., ChatUMM], dict[str, Any]]:
-    kwargs = dict(spec)
-    name = kwargs.pop("preset", None)
-    if name not in PRESETS:
-        raise ValueError(f"model.preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return PRESETS[name], kwargs
-
-
-def check_model_spec(spec: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the key when ``spec`` does not bind to its preset's signature."""
-    fn, kwargs = _split_spec(spec)
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return  # a forwarding preset: its target checks the keys when it builds
-    for key in kwargs:
-        if key not in params:
-            raise ValueError(f"model.{key}: unexpected keyword argument {key!r} for preset {spec['preset']!r}")
-
-
-def build_model(spec: Mapping[str, Any]) -> ChatUMM:
-    """Build the model a spec describes."""
-    check_model_spec(spec)
-    fn, kwargs = _split_spec(spec)
-    return fn(**kwargs)
+def build_model(spec: Mapping[str, Any], *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS) -> ChatUMM:
+    """Build the model a spec describes, through the recipe engine (the allow-list applies)."""
+    return instantiate(model_spec(spec), allowed_roots=allowed_roots, path="model")

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from chatumm_kit.components import mot
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.masks import DocumentMask, MaskBuilder, reference_mask
 from chatumm_kit.components.mot import MoTBackbone, MoTConfig
 from chatumm_kit.components.splits import AttnMode, Modality, SplitTable
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.model import ChatUMM, FlowInputs
@@ -93,7 +93,7 @@ def packs(packer) -> dict[str, PackedBatch]:
 def _model(tokenizer: ChatTokenizer) -> ChatUMM:
     """``chatumm_tiny`` with every weight perturbed (experts differ, ``llm2vae`` is not zero)."""
     torch.manual_seed(0)
-    model = build_model({"preset": "chatumm_tiny", "vocab_size": tokenizer.vocab_size})
+    model = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size})
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -24,4 +24,14 @@ def test_shipped_recipe_validates_and_has_a_launch_line(name, capsys):
 def test_a_typo_in_a_shipped_recipe_override_is_named(capsys):
     assert main(["validate", "shapes/chat_tiny", "+system.model.hiden_size=3"]) == 2
     err = capsys.readouterr().err
-    assert "system.model.hiden_size: unexpected keyword argument 'hiden_size' for preset 'chatumm_tiny'" in err
+    assert (
+        "system.model.hiden_size: unexpected keyword argument 'hiden_size' for chatumm_kit.presets.chatumm_tiny" in err
+    )
+
+
+def test_a_model_named_the_old_preset_way_in_a_recipe_is_refused_with_its_path(capsys):
+    """Recipes name the model with _component_ only; {preset: NAME} is read from old checkpoints, not recipes."""
+    args = ["validate", "shapes/chat_tiny", "~system.model._component_", "+system.model.preset=chatumm_tiny"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "system.model: name the model with _component_" in err and "only from old checkpoints" in err

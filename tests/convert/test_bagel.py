@@ -30,7 +30,6 @@ from chatumm_kit.convert.bagel import (
     BagelConversionError,
     BagelConversionWarning,
     bagel_model_spec,
-    build_from_spec,
     chatumm_bagel,
     export_bagel,
     load_bagel,
@@ -41,6 +40,7 @@ from chatumm_kit.convert.bagel_keys import bagel_to_kit_name, kit_to_bagel_name,
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn
 from chatumm_kit.data.packing import Packer
 from chatumm_kit.model import FlowInputs
+from chatumm_kit.presets import build_model
 
 LM = "language_model.model."
 VIT = "vit_model.vision_model."
@@ -82,7 +82,10 @@ def test_sizes_come_from_configs_and_shapes_not_7b_constants(loaded):
     assert model.vae.max_latent_side == LATENT_SIDE and model.vae.latent_patch == LATENT_PATCH
     assert model.vae.time_embedder.freq_dim == FREQ_DIM
     assert (model.vae.scaling_factor, model.vae.shift_factor) == (0.3611, 0.1159)
-    assert loaded.model_spec["preset"] == "chatumm_bagel" and loaded.model_spec["backbone"]["head_dim"] == HEAD_DIM
+    assert (
+        loaded.model_spec["_component_"] == "chatumm_kit.convert.bagel.chatumm_bagel"
+        and loaded.model_spec["backbone"]["head_dim"] == HEAD_DIM
+    )
     assert not model.training
 
 
@@ -177,6 +180,15 @@ def test_kit_folder_round_trips_and_rebuilds_from_its_spec(loaded, tmp_path):
     assert kit.spec == json.loads(json.dumps(loaded.model_spec)) and kit.tokenizer.vocab_size == 299
 
 
+def test_kit_folder_with_an_old_preset_spec_still_loads(loaded, tmp_path):
+    """model.json written before _component_ named the model: {"preset": "chatumm_bagel", ...}."""
+    old = {"preset": "chatumm_bagel", **{k: v for k, v in loaded.model_spec.items() if k != "_component_"}}
+    save_kit_folder(loaded.model, old, tmp_path / "kit")
+    kit = load_kit_folder(tmp_path / "kit")
+    a, b = loaded.model.state_dict(), kit.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dtype_casts_while_reading(tiny):
     model = load_bagel(tiny.folder, dtype=torch.bfloat16, attn_backend="sdpa").model
     assert model.backbone.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
@@ -204,7 +216,7 @@ def test_7b_configs_and_shapes_give_the_preset_architecture():
         spec = bagel_model_spec(
             llm_config=llm, vit_config=vit, shapes=shapes, autoencoder=ae, scaling_factor=0.3611, shift_factor=0.1159
         )
-        ours = chatumm_bagel(**{k: v for k, v in spec.items() if k != "preset"}, autoencoder=ae)
+        ours = chatumm_bagel(**{k: v for k, v in spec.items() if k != "_component_"}, autoencoder=ae)
         preset = chatumm_bagel_7b()
     a, b = ours.state_dict(), preset.state_dict()
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
@@ -312,11 +324,11 @@ def test_missing_files_are_named(tiny, tmp_path):
 
 
 def test_export_warns_when_the_vae_cannot_be_recorded_and_refuses_no_qk_norm(loaded, tmp_path):
-    model = build_from_spec(loaded.model_spec)
+    model = build_model(loaded.model_spec)
     model.vae.scaling_factor = 1.0
     with pytest.warns(BagelConversionWarning, match=r"scaling_factor=1\.0 \(load assumes 0\.3611\)"):
         export_bagel(model, tmp_path / "a")
     spec = json.loads(json.dumps(loaded.model_spec))
     spec["backbone"]["qk_norm"] = False
     with pytest.raises(BagelConversionError, match="qk_norm=False"):
-        export_bagel(build_from_spec(spec), tmp_path / "b")
+        export_bagel(build_model(spec), tmp_path / "b")

@@ -34,7 +34,9 @@ def test_bagel_to_kit_and_back(tiny, tmp_path, capsys):
     assert _convert("bagel-to-kit", tiny.folder, kit, "--attn-backend", "sdpa") == 0
     assert "wrote" in capsys.readouterr().out
     spec = json.loads((kit / "model.json").read_text())
-    assert spec["preset"] == "chatumm_bagel" and spec["backbone"]["attn_backend"] == "sdpa"
+    assert (
+        spec["_component_"] == "chatumm_kit.convert.bagel.chatumm_bagel" and spec["backbone"]["attn_backend"] == "sdpa"
+    )
     weights = load_file(kit / "model.safetensors")  # kit names, autoencoder included
     assert torch.equal(weights["backbone.layers.1.mlp_moe_gen.gate_proj.weight"],
                        tiny.tensors["language_model.model.layers.1.mlp_moe_gen.gate_proj.weight"])  # fmt: skip

@@ -13,10 +13,10 @@ import torch
 from omegaconf import OmegaConf
 from test_shards import make_sample, write_bad_shards
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config.instantiate import instantiate
 from chatumm_kit.config.validate import validate_recipe
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.datamodule import DialogueDataModule, _round_robin_after
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, Role, TextSegment, Turn
 from chatumm_kit.data.shards import DialogueShardWriter

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.splits import AttnMode, Modality
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn
 from chatumm_kit.data.image_views import fit_size, grid_rc, resize_image, vae_pixels, vit_patches
 from chatumm_kit.data.packing import (

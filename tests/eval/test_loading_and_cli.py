@@ -7,9 +7,10 @@ import torch
 
 from chatumm_kit.cli import main
 from chatumm_kit.config import RecipeError
-from chatumm_kit.eval import BenchmarkReport, checkpoint_has_ema, checkpoint_hyperparameters, load_checkpoint
+from chatumm_kit.eval import BenchmarkReport
 from chatumm_kit.eval import cli as eval_cli
 from chatumm_kit.training.ema import EMA_CALLBACK_MARKER
+from chatumm_kit.training.loading import checkpoint_has_ema, checkpoint_hyperparameters, load_checkpoint
 
 EVAL = """\
 seed: 0
@@ -52,7 +53,7 @@ def test_load_checkpoint_uses_ema_when_present_and_raw_weights_on_request(checkp
     (ema_state,) = [s for s in raw["callbacks"].values() if s.get("format") == EMA_CALLBACK_MARKER]
     shadow = ema_state["shadow"]
     assert checkpoint_has_ema(checkpoint)
-    assert checkpoint_hyperparameters(checkpoint)["model"]["preset"] == "chatumm_tiny"
+    assert checkpoint_hyperparameters(checkpoint)["model"]["_component_"] == "chatumm_kit.presets.chatumm_tiny"
 
     default = load_checkpoint(checkpoint)
     assert default.ema is True and not default.model.training

@@ -8,11 +8,11 @@ import torch
 from torchvision.io import write_png
 
 from chatumm_kit.cli import main
-from chatumm_kit.eval import load_checkpoint
-from chatumm_kit.inference.chat_cli import interactive, session_config_for
+from chatumm_kit.inference.chat_loop import interactive
 from chatumm_kit.inference.sampler import SamplerConfig
-from chatumm_kit.inference.session import ChatSession
+from chatumm_kit.inference.session import ChatSession, SessionConfig
 from chatumm_kit.training.callbacks import GenerationPreview
+from chatumm_kit.training.loading import load_checkpoint
 
 
 def test_scripted_chat_writes_one_record_per_reply(trained_checkpoint, tmp_path, capsys):
@@ -50,7 +50,9 @@ def test_bad_script_and_missing_checkpoint_exit_2(trained_checkpoint, tmp_path, 
 def test_interactive_loop_attaches_images_rolls_back_and_quits(trained_checkpoint, tmp_path):
     loaded = load_checkpoint(trained_checkpoint)
     session = ChatSession(
-        model=loaded.model, tokenizer=loaded.tokenizer, config=session_config_for(loaded.model, image_size=(32, 32))
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        config=SessionConfig.for_model(loaded.model, image_size=(32, 32)),
     )
     image = tmp_path / "pic.png"
     write_png(torch.zeros((3, 32, 32), dtype=torch.uint8), str(image))

@@ -24,7 +24,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    m = build_model({"preset": "chatumm_tiny", "vocab_size": tok.vocab_size})
+    m = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tok.vocab_size})
     torch.nn.init.normal_(m.vae.llm2vae.weight, std=0.05)
     return m
 

@@ -36,7 +36,7 @@ def tok() -> ChatTokenizer:
 
 def jittered_model(tok, dtype):
     torch.manual_seed(0)
-    m = build_model({"preset": "chatumm_tiny", "vocab_size": tok.vocab_size})
+    m = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tok.vocab_size})
     with torch.no_grad():  # make the experts differ and the velocity head non-zero
         for p in [*m.backbone.parameters(), *m.vae.llm2vae.parameters()]:
             p.add_(0.05 * torch.randn_like(p))

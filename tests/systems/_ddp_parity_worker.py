@@ -5,7 +5,7 @@ joins the given process group instead of launching processes itself. ``RUN_DIR``
 
 * ``system.pt``: the keyword arguments of :class:`~chatumm_kit.systems.unified.ChatUMMSystem` (its ``init_from``
   names ``init.safetensors``, so every rank and the test's single process start from the same weights);
-* ``batches.pt``: one :class:`~chatumm_kit.data.batch.PackedBatch` per rank (each rank trains on its own; no
+* ``batches.pt``: one :class:`~chatumm_kit.components.batch.PackedBatch` per rank (each rank trains on its own; no
   distributed sampler).
 
 One optimizer step of the real system under :func:`chatumm_kit.training.strategies.ddp`, then ``RUN_DIR/rank<r>.pt``

@@ -6,10 +6,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from chatumm_kit.cli import main
-from chatumm_kit.components.vae import tiny_autoencoder
-from chatumm_kit.eval import load_checkpoint
+from chatumm_kit.components.vae import load_autoencoder_file, tiny_autoencoder
 from chatumm_kit.model import ChatUMM
-from chatumm_kit.training.callbacks import load_autoencoder_file
+from chatumm_kit.training.loading import load_checkpoint
 
 
 def _events(folder):

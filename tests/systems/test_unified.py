@@ -136,8 +136,8 @@ def test_validation_losses_are_token_weighted_means_over_all_batches(write_recip
     from omegaconf import OmegaConf
 
     from chatumm_kit.config import instantiate, load_recipe
-    from chatumm_kit.eval import load_checkpoint
     from chatumm_kit.systems.unified import ChatUMMSystem
+    from chatumm_kit.training.loading import load_checkpoint
 
     recipe = write_recipe("val")
     overrides = ["trainer.max_steps=2", "trainer.limit_val_batches=2", "trainer.val_check_interval=2"]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from chatumm_kit.training.schedules import ConstantSchedule, CosineSchedule, warmup_constant, warmup_cosine
+from chatumm_kit.config import instantiate
+from chatumm_kit.training.schedules import ConstantSchedule, CosineSchedule, schedule_node
 
 
 def _opt(lr: float = 2.0) -> torch.optim.Optimizer:
@@ -28,7 +29,7 @@ def test_constant_with_warmup_exact():
     assert [spec.factor(s) for s in range(7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
     assert ConstantSchedule(warmup_steps=0).factor(0) == 1.0
     opt = _opt(2.0)
-    assert _lrs(opt, warmup_constant(opt, warmup_steps=4), 6) == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert _lrs(opt, ConstantSchedule(warmup_steps=4).build(opt), 6) == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
 
 
 def test_cosine_with_warmup_exact():
@@ -38,7 +39,7 @@ def test_cosine_with_warmup_exact():
     assert [spec.factor(s) for s in range(9)] == pytest.approx(expected, abs=1e-15)
     assert spec.factor(1000) == pytest.approx(0.1, abs=1e-15)
     opt = _opt(2.0)
-    got = _lrs(opt, warmup_cosine(opt, warmup_steps=2, total_steps=6, min_ratio=0.1), 8)
+    got = _lrs(opt, CosineSchedule(warmup_steps=2, total_steps=6, min_ratio=0.1).build(opt), 8)
     assert got == pytest.approx([2 * e for e in expected[:8]], abs=1e-12)
 
 
@@ -87,3 +88,16 @@ def test_lightning_config_steps_per_optimizer_step():
 def test_invalid_cosine(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CosineSchedule(**kwargs)
+
+
+def test_schedule_nodes_use_component_and_old_kind_nodes_still_build():
+    node = {"_component_": "chatumm_kit.training.schedules.CosineSchedule", "warmup_steps": 2, "total_steps": 6}
+    assert schedule_node(node) == node
+    assert instantiate(schedule_node(node)) == CosineSchedule(warmup_steps=2, total_steps=6)
+    # A checkpoint written before _component_ named the schedule holds {kind: NAME, ...}.
+    assert instantiate(schedule_node({"kind": "cosine", "warmup_steps": 2, "total_steps": 6})) == CosineSchedule(
+        warmup_steps=2, total_steps=6
+    )
+    assert instantiate(schedule_node(None)) == ConstantSchedule()
+    with pytest.raises(ValueError, match="schedule.kind: unknown 'linear'"):
+        schedule_node({"kind": "linear"})

@@ -37,22 +37,69 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from torch import nn
 
 from chatumm_kit.components.layers import PositionTable2D, TimestepEmbedder
 
-__all__ = ["VAELatentHead", "VAELoss", "autoencoder_config", "tiny_autoencoder"]
+__all__ = [
+    "FLUX_VAE_KWARGS",
+    "VAELatentHead",
+    "VAELoss",
+    "autoencoder_config",
+    "load_autoencoder_file",
+    "tiny_autoencoder",
+]
+
+# The FLUX.1 autoencoder (BAGEL's VAE): 8× downsample, 16 latent channels, no quant convs.
+FLUX_VAE_KWARGS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
 
 
 def autoencoder_config(autoencoder: AutoencoderKL) -> dict[str, Any]:
     """The public ``AutoencoderKL`` constructor arguments of a built autoencoder (diffusers' private keys dropped)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in autoencoder.config.items() if not k.startswith("_")}
+
+
+def load_autoencoder_file(autoencoder: torch.nn.Module, path: str | Path) -> tuple[float, float]:
+    """Load a file written by :class:`~chatumm_kit.training.callbacks.ExportAutoencoder` into ``autoencoder``;
+    return ``(scaling_factor, shift_factor)`` from its metadata.
+
+    Raises ``ValueError`` listing missing and unexpected keys.
+    """
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"autoencoder weights not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    missing, unexpected = autoencoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: autoencoder keys do not match: missing {missing}, unexpected {unexpected}")
+    return float(meta.get("scaling_factor", 1.0)), float(meta.get("shift_factor", 0.0))
 
 
 def tiny_autoencoder(

@@ -2,7 +2,9 @@
 
 A node ``{_component_: f, a: 1, b: {...}}`` becomes ``f(a=1, b=<built b>)``; children are built first, lists are
 walked, plain mappings become ``dict`` s. ``_partial_: true`` returns ``functools.partial(f, ...)`` instead of
-calling it (optimizer factories that receive parameters later). Runtime objects are passed at the call site:
+calling it (optimizer factories that receive parameters later). A callable whose ``config_arguments`` attribute names
+some of its keyword arguments receives those nodes unbuilt (``ChatUMMSystem`` keeps its model spec and schedule as
+configs and builds them in ``configure_model`` / ``configure_optimizers``). Runtime objects are passed at the call site:
 ``instantiate(cfg.system.optimizer, params)`` or ``instantiate(cfg.data, tokenizer=tok)``; call-site keyword
 arguments win over the recipe's.
 
@@ -24,11 +26,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from chatumm_kit.config.errors import RecipeError
 from chatumm_kit.config.imports import DEFAULT_ALLOWED_ROOTS, resolve_callable
 
-__all__ = ["instantiate", "COMPONENT_KEY", "PARTIAL_KEY", "RESERVED_KEYS"]
+__all__ = ["instantiate", "COMPONENT_KEY", "CONFIG_ARGUMENTS", "PARTIAL_KEY", "RESERVED_KEYS"]
 
 COMPONENT_KEY = "_component_"
 PARTIAL_KEY = "_partial_"
 RESERVED_KEYS = frozenset({COMPONENT_KEY, PARTIAL_KEY})
+# A callable's attribute naming keyword arguments it takes as recipe nodes (plain dicts, ``_component_`` kept) and
+# builds itself later — a system storing its model spec so a checkpoint can rebuild the model (ARCHITECTURE.md).
+CONFIG_ARGUMENTS = "config_arguments"
 
 
 def _to_plain(node: Any) -> Any:
@@ -50,8 +55,11 @@ def _build(node: Any, path: str, allowed: frozenset[str]) -> Any:
 def _call(node: dict, path: str, allowed: frozenset[str], args: tuple, kwargs: dict) -> Any:
     where = path or "<root>"
     fn = resolve_callable(node[COMPONENT_KEY], allowed_roots=allowed, where=where)
+    kept = getattr(fn, CONFIG_ARGUMENTS, ())
     built = {
-        k: _build(v, f"{path}.{k}" if path else str(k), allowed) for k, v in node.items() if k not in RESERVED_KEYS
+        k: v if k in kept else _build(v, f"{path}.{k}" if path else str(k), allowed)
+        for k, v in node.items()
+        if k not in RESERVED_KEYS
     }
     built.update(kwargs)
     if node.get(PARTIAL_KEY, False):

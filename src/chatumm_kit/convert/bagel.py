@@ -19,8 +19,10 @@ weights. The only copies are the SigLIP tower's q/k/v, fused per layer. On CPU, 
 (``export_bagel`` into the same folder is safe: it writes new files).
 
 **Model spec.** :func:`chatumm_bagel` builds a ChatUMM of BAGEL's architecture at any size from plain component
-arguments; ``{"preset": "chatumm_bagel", "backbone": {...}, "vit": {...}, "vae": {...}}`` is the model spec a loaded
-checkpoint reports (:attr:`LoadedBagel.model_spec`) and :func:`save_kit_folder` writes beside the weights.
+arguments; ``{"_component_": "chatumm_kit.convert.bagel.chatumm_bagel", "backbone": {...}, "vit": {...},
+"vae": {...}}`` is the model spec a loaded checkpoint reports (:attr:`LoadedBagel.model_spec`) and
+:func:`save_kit_folder` writes beside the weights. :func:`kit_folder` is the ``_component_`` that loads a kit folder
+(weights included) from a recipe.
 
 Example:
     >>> loaded = load_bagel("/ckpt/BAGEL-7B-MoT", dtype=torch.bfloat16, device="cuda")    # doctest: +SKIP
@@ -34,7 +36,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from chatumm_kit.components.mot import MoTBackbone, MoTConfig
 from chatumm_kit.components.tokenizer import SIDECAR_FILE, TOKENIZER_FILE, ChatTokenizer
 from chatumm_kit.components.vae import VAELatentHead, autoencoder_config
 from chatumm_kit.components.vit import ViTEncoder
+from chatumm_kit.config.instantiate import COMPONENT_KEY
 from chatumm_kit.convert.bagel_keys import (
     BAGEL_VIT_PREFIX,
     KIT_AUTOENCODER_PREFIX,
@@ -64,10 +67,11 @@ from chatumm_kit.convert.flux_vae import diffusers_to_original, infer_autoencode
 from chatumm_kit.convert.qwen2 import mot_config_from_qwen2
 from chatumm_kit.convert.siglip import vit_kwargs_from_siglip_config
 from chatumm_kit.model import ChatUMM
+from chatumm_kit.presets import build_model
 
 __all__ = [
     "AE_FILE",
-    "BAGEL_PRESET",
+    "CHATUMM_BAGEL",
     "BagelConversionError",
     "BagelConversionWarning",
     "EMA_FILE",
@@ -78,9 +82,9 @@ __all__ = [
     "SPEC_FILE",
     "VIT_CONFIG",
     "bagel_model_spec",
-    "build_from_spec",
     "chatumm_bagel",
     "export_bagel",
+    "kit_folder",
     "load_bagel",
     "load_kit_folder",
     "qwen2_config_from_mot",
@@ -90,7 +94,7 @@ __all__ = [
 
 LLM_CONFIG, VIT_CONFIG, EMA_FILE, AE_FILE = "llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"
 MODEL_FILE, SPEC_FILE = "model.safetensors", "model.json"  # the kit folder (save_kit_folder)
-BAGEL_PRESET = "chatumm_bagel"
+CHATUMM_BAGEL = "chatumm_kit.convert.bagel.chatumm_bagel"  # the _component_ of a converted model's spec
 
 _LM = "language_model.model."
 _SIZING_KEYS = {  # BAGEL key -> what its shape decides (SPEC §5: sizes from shapes, not 7B constants)
@@ -118,7 +122,8 @@ class LoadedBagel:
     Attributes:
         model: the ChatUMM, in eval mode.
         tokenizer: from the folder's ``tokenizer.json`` (None when the folder has none).
-        model_spec: ``{"preset": "chatumm_bagel", ...}``: rebuilds the same architecture (:func:`build_from_spec`).
+        model_spec: ``{"_component_": CHATUMM_BAGEL, ...}``: rebuilds the same architecture
+            (:func:`chatumm_kit.presets.build_model`).
     """
 
     model: ChatUMM
@@ -159,7 +164,7 @@ def chatumm_bagel(
     Example:
         >>> spec = load_bagel("/ckpt/BAGEL-7B-MoT").model_spec                           # doctest: +SKIP
         >>> with torch.device("meta"):                                                 # doctest: +SKIP
-        ...     model = chatumm_bagel(**{k: v for k, v in spec.items() if k != "preset"})
+        ...     model = build_model(spec)
     """
     vae_kwargs = dict(vae)
     if autoencoder is not None:
@@ -248,23 +253,7 @@ def bagel_model_spec(
         max_latent_side=latent_side,
         timestep_freq_dim=freq_dim,
     )
-    return {"preset": BAGEL_PRESET, "backbone": asdict(mot), "vit": vit, "vae": vae}
-
-
-def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
-    """Build what a kit spec describes: ``{"preset": ...}`` (a ChatUMM) or ``{"_component_": ...}`` (a component).
-
-    ``chatumm_bagel`` is built here even before it is registered in :data:`chatumm_kit.presets.PRESETS`.
-    """
-    from chatumm_kit.config import instantiate
-    from chatumm_kit.config.instantiate import COMPONENT_KEY
-    from chatumm_kit.presets import build_model  # presets may import this module: import at call time
-
-    if COMPONENT_KEY in spec:
-        return instantiate(dict(spec))
-    if spec.get("preset") == BAGEL_PRESET:
-        return chatumm_bagel(**{k: v for k, v in spec.items() if k != "preset"})
-    return build_model(spec)
+    return {COMPONENT_KEY: CHATUMM_BAGEL, "backbone": asdict(mot), "vit": vit, "vae": vae}
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -420,7 +409,7 @@ def load_bagel(
             gradient_checkpointing=gradient_checkpointing,
         )
         with torch.device("meta"):
-            model = chatumm_bagel(**{k: v for k, v in spec.items() if k != "preset"}, autoencoder=autoencoder)
+            model = chatumm_bagel(**{k: v for k, v in spec.items() if k != COMPONENT_KEY}, autoencoder=autoencoder)
         _check_layout(kit_to_bagel_state(model), shapes, where=str(ema))
         state: dict[str, torch.Tensor] = {}
         vit_tensors: dict[str, torch.Tensor] = {}
@@ -557,7 +546,8 @@ def save_kit_folder(
     module: nn.Module, spec: Mapping[str, Any], folder: str | Path, *, tokenizer: ChatTokenizer | None = None
 ) -> Path:
     """Write the kit's model folder: ``model.safetensors`` (the module's state dict, kit names), ``model.json``
-    (``spec``: a model spec with ``preset``, or a component node with ``_component_``) and the tokenizer if given.
+    (``spec``: the ``_component_`` node that rebuilds the module — a model spec, or a component's node) and the
+    tokenizer if given.
 
     ``model.json`` of a ChatUMM is what a recipe puts under ``system.model``; ``model.safetensors`` is its
     ``init_from`` file.
@@ -586,7 +576,7 @@ def load_kit_folder(
     if not weights.is_file():
         raise BagelConversionError(f"{folder}: missing {MODEL_FILE}")
     with torch.device("meta"):
-        module = build_from_spec(spec)
+        module = build_model(spec)  # a model spec, or any component's node (old {"preset": ...} specs too)
     device = torch.device(device if device is not None else "cpu")
     with safe_open(str(weights), framework="pt", device=str(device)) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -595,3 +585,17 @@ def load_kit_folder(
     _assign(module, state, where=str(weights))
     tokenizer = ChatTokenizer.from_file(folder) if (folder / TOKENIZER_FILE).is_file() else None
     return KitFolder(module=module.eval(), spec=spec, tokenizer=tokenizer)
+
+
+def kit_folder(*, path: str, attn_backend: str | None = None, gradient_checkpointing: bool | None = None) -> ChatUMM:
+    """The model saved in a kit folder (``chatumm convert bagel-to-kit BAGEL_DIR KIT_DIR``), weights included: the
+    ``_component_`` a recipe names under ``system.model`` to fine-tune a converted model.
+
+    ``attn_backend`` / ``gradient_checkpointing`` override the saved settings (e.g. ``sdpa`` on CPU).
+    """
+    model = load_kit_folder(path).module
+    if attn_backend is not None:
+        model.backbone.config = replace(model.backbone.config, attn_backend=attn_backend)
+    if gradient_checkpointing is not None:
+        model.backbone.config = replace(model.backbone.config, gradient_checkpointing=gradient_checkpointing)
+    return model.train()

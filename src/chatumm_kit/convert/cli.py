@@ -68,7 +68,7 @@ def _bagel_to_kit(args: argparse.Namespace) -> int:
     vae = _read_vae(args.vae) if args.vae else None
     loaded = load_bagel(args.source, vae=vae, dtype=_dtype(args), attn_backend=args.attn_backend)
     out = save_kit_folder(loaded.model, loaded.model_spec, args.output, tokenizer=loaded.tokenizer)
-    _say(out, "ChatUMM, preset chatumm_bagel", loaded.model)
+    _say(out, "ChatUMM, chatumm_kit.convert.bagel.chatumm_bagel", loaded.model)
     return 0
 
 

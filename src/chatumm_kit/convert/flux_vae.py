@@ -33,10 +33,9 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-from chatumm_kit.components.vae import autoencoder_config
+from chatumm_kit.components.vae import FLUX_VAE_KWARGS, autoencoder_config
 
 __all__ = [
-    "FLUX_VAE_KWARGS",
     "FluxVAEConversionError",
     "diffusers_to_original",
     "infer_autoencoder_kwargs",
@@ -44,25 +43,6 @@ __all__ = [
     "original_to_diffusers",
     "save_flux_vae",
 ]
-
-# The FLUX.1 autoencoder (BAGEL's VAE): 8× downsample, 16 latent channels, no quant convs.
-FLUX_VAE_KWARGS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
-}
 
 # Export key map (diffusers -> original) as data: regex over the diffusers key, template for the original key.
 # ``{lvl}`` is the decoder's resolution level ``num_levels − 1 − up_block index``; ``{res}`` renames a resnet part.

@@ -50,8 +50,8 @@ import torch
 from torch.utils.data import DataLoader
 from webdataset.utils import pytorch_worker_info
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.data.skips import DataHealth
 from chatumm_kit.data.streaming import (

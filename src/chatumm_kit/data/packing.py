@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.splits import Modality
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.dialogue import DialogueError, DialogueSample, ImageSegment, Role, TextSegment
 from chatumm_kit.data.image_views import fit_size
 from chatumm_kit.data.stream_layout import DocumentPlan, StreamBuilder, StreamPiece, TurnPlan, document_labels

@@ -3,7 +3,7 @@
 The :class:`~chatumm_kit.data.packing.Packer` turns a sample into a :class:`DocumentPlan` (a list of
 :class:`StreamPiece` s, one split each), decides which pieces CFG dropout keeps, and hands both to a
 :class:`StreamBuilder`, which assigns positions, computes labels (:func:`document_labels`), builds the image views
-and finally the :class:`~chatumm_kit.data.batch.PackedBatch`. The rules are stated in ``data/packing.py``.
+and finally the :class:`~chatumm_kit.components.batch.PackedBatch`. The rules are stated in ``data/packing.py``.
 
 Example:
     >>> piece = StreamPiece(Modality.VIT, turn=0, segment=1, image="a", grid=(2, 3))
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.splits import AttnMode, Modality, SplitTable
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.batch import PackedBatch
 from chatumm_kit.data.dialogue import Role
 from chatumm_kit.data.image_views import grid_rc, resize_image, vae_pixels, vit_patches
 

@@ -59,7 +59,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from chatumm_kit.data.batch import PackedBatch
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.data.dialogue import DialogueSample
 from chatumm_kit.data.packing import Packer, PackingError, TokenBudgetBatcher
 from chatumm_kit.data.shards import RawSample, ShardRef, decode_sample, iter_shard, resolve_shards

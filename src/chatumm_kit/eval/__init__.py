@@ -20,7 +20,6 @@ from chatumm_kit.eval.benchmark import (
     ModelSource,
     run_benchmark,
 )
-from chatumm_kit.eval.loading import LoadedModel, checkpoint_has_ema, checkpoint_hyperparameters, load_checkpoint
 from chatumm_kit.eval.metrics import (
     METRICS,
     Breakdown,
@@ -37,7 +36,6 @@ from chatumm_kit.eval.responders import (
     OracleResponder,
     ReplySettings,
     Responder,
-    session_config_for,
 )
 from chatumm_kit.eval.turns import ExpectedTurn, Reply, expected_turns, modality_of
 
@@ -52,7 +50,6 @@ __all__ = [
     "ExpectedTurn",
     "FarHistory",
     "FreeRun",
-    "LoadedModel",
     "MetricStat",
     "ModelLike",
     "ModelReport",
@@ -64,12 +61,8 @@ __all__ = [
     "SuccessRates",
     "TurnAggregate",
     "TurnScore",
-    "checkpoint_has_ema",
-    "checkpoint_hyperparameters",
     "expected_turns",
-    "load_checkpoint",
     "modality_of",
     "run_benchmark",
     "score_turn",
-    "session_config_for",
 ]

@@ -47,12 +47,12 @@ from typing import Any
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import DialogueSample, Role
 from chatumm_kit.data.shapes import WorldConfig
-from chatumm_kit.eval.loading import LoadedModel, load_checkpoint
 from chatumm_kit.eval.metrics import FreeRun, TurnScore, score_turn
 from chatumm_kit.eval.report import BenchmarkReport, DatasetSummary, ModelReport
 from chatumm_kit.eval.responders import ChatSessionResponder, ReplySettings, Responder
 from chatumm_kit.eval.turns import ExpectedTurn, Reply, expected_turns
 from chatumm_kit.model import ChatUMM
+from chatumm_kit.training.loading import LoadedModel, load_checkpoint
 
 __all__ = ["BenchmarkSettings", "ModelSource", "ContextTrackingBenchmark", "run_benchmark", "ModelLike"]
 
@@ -109,7 +109,7 @@ class BenchmarkSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSource:
-    """A model to evaluate, by checkpoint (see :func:`~.loading.load_checkpoint` for the arguments)."""
+    """A model to evaluate, by checkpoint (see :func:`~chatumm_kit.training.loading.load_checkpoint` for the arguments)."""
 
     checkpoint: str
     use_ema: bool | None = None
@@ -312,7 +312,7 @@ def run_benchmark(
     """Evaluate several models on the same held-out dialogues and return the comparison.
 
     Args:
-        models: name → checkpoint path, :class:`ModelSource`, :class:`~.loading.LoadedModel`, ``(ChatUMM,
+        models: name → checkpoint path, :class:`ModelSource`, :class:`~chatumm_kit.training.loading.LoadedModel`, ``(ChatUMM,
             ChatTokenizer)`` or any :class:`~.responders.Responder` (e.g. ``{"multi_turn": ..., "single_turn": ...}``).
         shards: the held-out dialogues (an ``index.json``, a shard, or a list of them).
         settings: benchmark settings (``max_dialogues``, ``seed``, reply and sampler settings, success threshold).

@@ -39,7 +39,7 @@ from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.session import AssistantReply, ChatSession, SessionConfig
 from chatumm_kit.model import ChatUMM
 
-__all__ = ["Responder", "ReplySettings", "ChatSessionResponder", "OracleResponder", "session_config_for"]
+__all__ = ["Responder", "ReplySettings", "ChatSessionResponder", "OracleResponder"]
 
 
 @runtime_checkable
@@ -86,19 +86,6 @@ class ReplySettings:
         }
 
 
-def session_config_for(model: ChatUMM, world: WorldConfig) -> SessionConfig:
-    """The stream settings a ShapesChat model was trained with: its own ViT patch and VAE stride, images at the
-    world's size (generated ones too) and no resizing (``max_image_side`` = the image size, as in
-    ``recipes/shapes/chat_tiny.yaml``)."""
-    side = world.image_size
-    return SessionConfig(
-        vit_patch_size=model.vit.patch_size,
-        vae_token_stride=model.vae.downsample * model.vae.latent_patch,
-        max_image_side=side,
-        image_size=(side, side),
-    )
-
-
 class ChatSessionResponder:
     """A :class:`Responder` over a :class:`ChatSession` (one KV-cached conversation, reset per dialogue).
 
@@ -122,8 +109,13 @@ class ChatSessionResponder:
         settings: ReplySettings = ReplySettings(),
         session_config: SessionConfig | None = None,
     ) -> ChatSessionResponder:
-        """Build the session with :func:`session_config_for` unless ``session_config`` is given."""
-        config = session_config if session_config is not None else session_config_for(model, world)
+        """Build the session with :meth:`SessionConfig.for_model` at the world's image size unless
+        ``session_config`` is given."""
+        config = (
+            session_config
+            if session_config is not None
+            else SessionConfig.for_model(model, image_size=world.image_size)
+        )
         return cls(session=ChatSession(model=model, tokenizer=tokenizer, config=config), settings=settings)
 
     def start(self, dialogue_id: str) -> None:

@@ -116,6 +116,24 @@ class SessionConfig:
     dialogue_id: str = "chat"
 
     @classmethod
+    def for_model(cls, model: ChatUMM, *, image_size: int | tuple[int, int]) -> SessionConfig:
+        """The stream settings ``model`` was trained with — its ViT patch and its VAE stride (downsample × latent
+        patch) — for images of ``image_size`` (``side`` or ``(H, W)``; generated ones too) with no resizing
+        (``max_image_side`` = the larger side, as in ``recipes/shapes/chat_tiny.yaml``).
+
+        Example:
+            >>> SessionConfig.for_model(model, image_size=32).vae_token_stride      # chatumm_tiny   # doctest: +SKIP
+            8
+        """
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        return cls(
+            vit_patch_size=model.vit.patch_size,
+            vae_token_stride=model.vae.downsample * model.vae.latent_patch,
+            max_image_side=max(size),
+            image_size=size,
+        )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionConfig:
         """From :func:`dataclasses.asdict` output (JSON lists become tuples)."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

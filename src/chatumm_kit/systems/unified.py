@@ -10,9 +10,10 @@ Example (YAML):
 
     system:
       _component_: chatumm_kit.systems.unified.ChatUMMSystem
-      model: {preset: chatumm_tiny, tokenizer: data/shapes/tokenizer.json}
+      model: {_component_: chatumm_kit.presets.chatumm_tiny, tokenizer: data/shapes/tokenizer.json}
       optimizer: {lr: 3.0e-4, weight_decay: 0.05}
-      schedule: {warmup_steps: 50, kind: cosine, total_steps: ${trainer.max_steps}}
+      schedule: {_component_: chatumm_kit.training.schedules.CosineSchedule, warmup_steps: 50,
+                 total_steps: "${trainer.max_steps}"}
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
-from chatumm_kit.data.batch import PackedBatch
+from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.training.losses import objective
 
@@ -47,10 +48,12 @@ class ChatUMMSystem(L.LightningModule):
     """Trains :class:`~chatumm_kit.model.ChatUMM` with CE + flow-matching MSE (SPEC §4).
 
     Args:
-        model: model spec for :func:`chatumm_kit.presets.build_model` (``preset`` plus its keyword arguments).
+        model: model spec for :func:`chatumm_kit.presets.build_model`: a ``_component_`` node naming a callable that
+            returns a ChatUMM (a preset such as ``chatumm_kit.presets.chatumm_tiny``) with its keyword arguments;
+            an old checkpoint's ``{preset: NAME}`` spec is read as its ``_component_`` form.
         optimizer: keyword arguments of :func:`chatumm_kit.training.optim.build_optimizer`.
-        schedule: ``kind`` (``constant`` or ``cosine``) plus the keyword arguments of that schedule
-            (:mod:`chatumm_kit.training.schedules`).
+        schedule: a ``_component_`` node building a :class:`~chatumm_kit.training.schedules.ScheduleSpec`
+            (``ConstantSchedule`` or ``CosineSchedule`` with its keyword arguments); None: constant, no warm-up.
         ce_weight: weight of the text loss.
         mse_weight: weight of the image loss.
         freeze: parts to freeze (keys of :class:`FreezeSpec`).
@@ -58,6 +61,10 @@ class ChatUMMSystem(L.LightningModule):
         mask_image_every_n_steps: log a picture of one batch's attention mask every N steps (0: never).
         seed: seed of the flow-matching noise; each step's draw depends only on (seed, step, rank).
     """
+
+    # The recipe engine hands these over as nodes, unbuilt: the model is built in configure_model, the schedule in
+    # configure_optimizers, and the hyperparameters store the nodes (a checkpoint rebuilds its model).
+    config_arguments: ClassVar[frozenset[str]] = frozenset({"model", "schedule"})
 
     def __init__(
         self,
@@ -73,8 +80,11 @@ class ChatUMMSystem(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from chatumm_kit.presets import check_model_spec
+        from chatumm_kit.presets import check_model_spec, model_spec
+        from chatumm_kit.training.schedules import schedule_node
 
+        model = model_spec(model)  # old {preset: NAME} specs (checkpoints) become _component_ nodes
+        schedule = schedule_node(schedule)  # likewise old {kind: NAME} schedules; None: constant, no warm-up
         check_model_spec(model)  # fail at construction, naming the bad key, not after data is ready
         # Files the spec names are stored as absolute paths, so a checkpoint loads from any working directory.
         model = {
@@ -89,15 +99,15 @@ class ChatUMMSystem(L.LightningModule):
 
     @staticmethod
     def check_recipe_arguments(kwargs: dict[str, Any]) -> list[str]:
-        """``chatumm validate`` hook: the model spec and freeze keys, checked without building anything."""
-        from chatumm_kit.presets import check_model_spec
-
+        """``chatumm validate`` hook: freeze keys, and a model spec written the old way. The model node itself is
+        a ``_component_`` node, checked against its callable's signature like every other node."""
         problems = []
-        if isinstance(kwargs.get("model"), dict):
-            try:
-                check_model_spec(kwargs["model"])
-            except ValueError as e:
-                problems.append(str(e))
+        model = kwargs.get("model")
+        if isinstance(model, dict) and "_component_" not in model:
+            problems.append(
+                "model: name the model with _component_ (e.g. _component_: chatumm_kit.presets.chatumm_tiny); "
+                + ("the preset: form is read only from old checkpoints" if "preset" in model else "none given")
+            )
         unknown = set(kwargs.get("freeze") or {}) - set(FreezeSpec.__dataclass_fields__)
         problems += [f"freeze.{k}: unknown part (known: vit, vae, understanding)" for k in sorted(unknown)]
         return problems
@@ -130,16 +140,12 @@ class ChatUMMSystem(L.LightningModule):
                 module.requires_grad_(False)
 
     def configure_optimizers(self):
+        from chatumm_kit.config import instantiate
         from chatumm_kit.training.optim import build_optimizer
-        from chatumm_kit.training.schedules import ConstantSchedule, CosineSchedule
 
         opt = build_optimizer(self.model, **(self.hparams.optimizer or {"lr": 3e-4}))
-        sched = dict(self.hparams.schedule or {})
-        kind = sched.pop("kind", "constant")
-        kinds = {"constant": ConstantSchedule, "cosine": CosineSchedule}
-        if kind not in kinds:
-            raise ValueError(f"schedule.kind: unknown {kind!r} (known: {', '.join(kinds)})")
-        return {"optimizer": opt, "lr_scheduler": kinds[kind](**sched).lightning_config(opt)}
+        schedule = instantiate(self.hparams.schedule, path="system.schedule")  # a ScheduleSpec
+        return {"optimizer": opt, "lr_scheduler": schedule.lightning_config(opt)}
 
     # ------------------------------------------------------------------ steps
     def training_step_terms(self, batch: PackedBatch, *, generator: torch.Generator | None = None):

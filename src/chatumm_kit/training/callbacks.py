@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["ExportAutoencoder", "DataHealthLogger", "GenerationPreview", "RecipeInCheckpoint", "load_autoencoder_file"]
+__all__ = ["ExportAutoencoder", "DataHealthLogger", "GenerationPreview", "RecipeInCheckpoint"]
 
 
 class RecipeInCheckpoint(L.Callback):
@@ -52,25 +52,6 @@ class ExportAutoencoder(L.Callback):
         save_file(state, str(tmp), metadata={"scaling_factor": repr(scale), "shift_factor": repr(shift)})
         tmp.replace(self.path)  # atomic: a killed run never leaves a half-written VAE that looks complete
         print(f"autoencoder: {self.path} (scaling_factor={scale:.4f}, shift_factor={shift:.4f})")
-
-
-def load_autoencoder_file(autoencoder: torch.nn.Module, path: str | Path) -> tuple[float, float]:
-    """Load an :class:`ExportAutoencoder` file into ``autoencoder``; return ``(scaling_factor, shift_factor)``.
-
-    Raises ``ValueError`` listing missing and unexpected keys.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"autoencoder weights not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    missing, unexpected = autoencoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: autoencoder keys do not match: missing {missing}, unexpected {unexpected}")
-    return float(meta.get("scaling_factor", 1.0)), float(meta.get("shift_factor", 0.0))
 
 
 class DataHealthLogger(L.Callback):
@@ -132,15 +113,14 @@ class GenerationPreview(L.Callback):
     @torch.no_grad()
     def render(self, model: torch.nn.Module, tokenizer) -> torch.Tensor:
         """``[len(prompts), 3, H, W]`` uint8: the first image of each reply, grey when the model answered in text."""
-        from chatumm_kit.inference.chat_cli import session_config_for
         from chatumm_kit.inference.sampler import SamplerConfig
-        from chatumm_kit.inference.session import ChatSession
+        from chatumm_kit.inference.session import ChatSession, SessionConfig
 
         was_training = model.training
         model.eval()
         tiles = []
         try:
-            config = session_config_for(model, image_size=self.image_size)
+            config = SessionConfig.for_model(model, image_size=self.image_size)
             sampler = SamplerConfig(num_steps=self.num_steps, seed=self.seed)
             for prompt in self.prompts:
                 session = ChatSession(model=model, tokenizer=tokenizer, config=config)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["ConstantSchedule", "CosineSchedule", "ScheduleSpec", "warmup_constant", "warmup_cosine"]
+__all__ = ["ConstantSchedule", "CosineSchedule", "LEGACY_SCHEDULE_KINDS", "ScheduleSpec", "schedule_node"]
 
 
 @dataclass(frozen=True)
@@ -117,26 +117,25 @@ class CosineSchedule(ScheduleSpec):
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_constant(optimizer: torch.optim.Optimizer, *, warmup_steps: int) -> LambdaLR:
-    """``LambdaLR`` of :class:`ConstantSchedule` (a factory usable as a YAML ``_component_`` with a runtime optimizer).
+# The ``{kind: NAME}`` schedule nodes of checkpoints written before ``_component_`` named the schedule.
+LEGACY_SCHEDULE_KINDS: dict[str, str] = {
+    "constant": "chatumm_kit.training.schedules.ConstantSchedule",
+    "cosine": "chatumm_kit.training.schedules.CosineSchedule",
+}
+
+
+def schedule_node(node: dict[str, Any] | None) -> dict[str, Any]:
+    """A schedule's recipe node in the ``_component_`` form: ``None`` is a constant rate without warm-up, an old
+    ``{kind: NAME, ...}`` node is mapped through :data:`LEGACY_SCHEDULE_KINDS`.
 
     Example:
-        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-        >>> _ = warmup_constant(opt, warmup_steps=4); opt.param_groups[0]["lr"]
-        0.5
+        >>> schedule_node({"kind": "cosine", "total_steps": 10})["_component_"]
+        'chatumm_kit.training.schedules.CosineSchedule'
     """
-    return ConstantSchedule(warmup_steps=warmup_steps).build(optimizer)
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
-) -> LambdaLR:
-    """``LambdaLR`` of :class:`CosineSchedule`.
-
-    Example:
-        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        >>> sched = warmup_cosine(opt, warmup_steps=0, total_steps=2, min_ratio=0.5)
-        >>> opt.step(); sched.step(); opt.param_groups[0]["lr"]
-        0.75
-    """
-    return CosineSchedule(warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio).build(optimizer)
+    node = dict(node or {"_component_": LEGACY_SCHEDULE_KINDS["constant"]})
+    if "_component_" in node:
+        return node
+    kind = node.pop("kind", "constant")
+    if kind not in LEGACY_SCHEDULE_KINDS:
+        raise ValueError(f"schedule.kind: unknown {kind!r} (known: {', '.join(LEGACY_SCHEDULE_KINDS)})")
+    return {"_component_": LEGACY_SCHEDULE_KINDS[kind], **node}
