@@ -1,8 +1,8 @@
 """Load a trained ChatUMM and its tokenizer from a Lightning checkpoint of ``ChatUMMSystem``, for evaluation.
 
 The checkpoint (a ``*.ckpt`` file, or a sharded DCP folder with ``meta.pt``) carries the model *spec* in its
-hyperparameters (``hyper_parameters.model`` = ``{preset, tokenizer, vae_weights, sizes...}``, see
-:mod:`chatumm_kit.presets`). The model is rebuilt from the spec and filled with the checkpoint's weights — the EMA
+hyperparameters (``hyper_parameters.model`` = ``{_component_, tokenizer, vae_weights, sizes...}``, see
+:mod:`chatumm_kit.presets`; an old ``{preset: NAME}`` spec is read as its ``_component_`` form). The model is rebuilt from the spec and filled with the checkpoint's weights — the EMA
 weights when :class:`~chatumm_kit.training.ema.EMACallback` saved some (``use_ema=None``, the default), or as asked.
 Nothing is unpickled beyond tensors and plain values: files are read with ``torch.load(weights_only=True)`` and the
 weights through :func:`chatumm_kit.training.checkpoints.read_weights`.
@@ -27,6 +27,7 @@ import torch
 
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.model import ChatUMM
+from chatumm_kit.presets import build_model, model_spec
 from chatumm_kit.training.checkpoints import is_sharded_checkpoint, read_weights
 from chatumm_kit.training.ema import EMA_CALLBACK_MARKER, EMA_KEY_PREFIX
 
@@ -131,10 +132,8 @@ def load_checkpoint(
         FileNotFoundError: the checkpoint, or a file the spec names, is missing.
         ValueError: not a ChatUMMSystem checkpoint, EMA asked for but absent, or weights that do not fit the spec.
     """
-    from chatumm_kit.presets import build_model
-
     path = Path(checkpoint)
-    spec = dict(checkpoint_hyperparameters(path)["model"])
+    spec = model_spec(checkpoint_hyperparameters(path)["model"])
     spec.update(spec_overrides or {})
     if isinstance(tokenizer, ChatTokenizer):
         tok = tokenizer
