@@ -1,9 +1,10 @@
-"""Load a trained ChatUMM and its tokenizer from a Lightning checkpoint of ``ChatUMMSystem``, for evaluation.
+"""Load a trained ChatUMM and its tokenizer from a Lightning checkpoint of ``ChatUMMSystem``, for chat and evaluation.
 
 The checkpoint (a ``*.ckpt`` file, or a sharded DCP folder with ``meta.pt``) carries the model *spec* in its
 hyperparameters (``hyper_parameters.model`` = ``{_component_, tokenizer, vae_weights, sizes...}``, see
-:mod:`chatumm_kit.presets`; an old ``{preset: NAME}`` spec is read as its ``_component_`` form). The model is rebuilt from the spec and filled with the checkpoint's weights — the EMA
-weights when :class:`~chatumm_kit.training.ema.EMACallback` saved some (``use_ema=None``, the default), or as asked.
+:mod:`chatumm_kit.presets`; an old ``{preset: NAME}`` spec is read as its ``_component_`` form). The model is rebuilt
+from the spec and filled with the checkpoint's weights — the EMA weights when
+:class:`~chatumm_kit.training.ema.EMACallback` saved some (``use_ema=None``, the default), or as asked.
 Nothing is unpickled beyond tensors and plain values: files are read with ``torch.load(weights_only=True)`` and the
 weights through :func:`chatumm_kit.training.checkpoints.read_weights`.
 
