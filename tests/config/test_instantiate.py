@@ -90,3 +90,18 @@ def test_build_failure_names_node_and_callable():
     node = OmegaConf.create({"model": {"_component_": "torch.nn.Linear", "in_features": 2}})
     with pytest.raises(RecipeError, match=r"model: building torch.nn.Linear failed: .*out_features"):
         instantiate(node.model, path="model")
+
+
+def test_a_system_receives_its_model_spec_and_schedule_as_nodes_not_built_objects():
+    """ChatUMMSystem lists model and schedule in config_arguments: instantiate hands them over unbuilt, so the
+    hyperparameters hold the spec (a checkpoint rebuilds from it) and the model is built in configure_model."""
+    node = {
+        "_component_": "chatumm_kit.systems.unified.ChatUMMSystem",
+        "model": {"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": 300, "hidden_size": 32},
+        "schedule": {"_component_": "chatumm_kit.training.schedules.CosineSchedule", "total_steps": 10},
+    }
+    system = instantiate(OmegaConf.create(node))
+    assert system.model is None
+    assert system.hparams.model == node["model"] and system.hparams.schedule == node["schedule"]
+    system.configure_model()
+    assert system.model.hidden_size == 32
