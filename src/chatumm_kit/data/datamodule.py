@@ -52,19 +52,22 @@ from webdataset.utils import pytorch_worker_info
 
 from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.tokenizer import ChatTokenizer
+from chatumm_kit.data.image_decode import DEFAULT_MAX_PIXELS
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.data.skips import DataHealth
 from chatumm_kit.data.streaming import (
     DataPosition,
+    DataStallError,
     DialogueStream,
     ResolvedSource,
     SourceSpec,
     StreamBatch,
+    StreamStall,
     sources_fingerprint,
 )
 from chatumm_kit.data.word_noise import WordNoise
 
-__all__ = ["DialogueDataModule", "SourceSpec", "StreamBatch"]
+__all__ = ["DialogueDataModule", "DataStallError", "SourceSpec", "StreamBatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +86,46 @@ class _EpochLoader(DataLoader):
     """
 
     def __init__(
-        self, *args: Any, on_start: Callable[[], int | None], on_end: Callable[[], None], **kwargs: Any
+        self,
+        *args: Any,
+        on_start: Callable[[], int | None],
+        on_end: Callable[[], None],
+        on_note: Callable[[StreamStall], None],
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._on_start = on_start
         self._on_end = on_end
+        self._on_note = on_note
 
     def __iter__(self) -> Iterator[StreamBatch]:  # type: ignore[override]
         last_worker = self._on_start()
-        items = super().__iter__()
+        items = _stop_on_stall(super().__iter__(), on_note=self._on_note)
         if last_worker is not None and last_worker < max(1, self.num_workers) - 1:
             items = _round_robin_after(items, after=last_worker)
         return _EndNotifier(items, self._on_end)
+
+
+def _stop_on_stall(items: Iterator[Any], *, on_note: Callable[[StreamStall], None]) -> Iterator[StreamBatch]:
+    """The batches of ``items``; a worker's :class:`StreamStall` stops the run with its one line.
+
+    A stalled worker (``stall_after_samples`` skips in a row) stops it at once; a worker whose stream ended without a
+    batch stops it only when no worker made a batch in the whole epoch (other workers may hold all the good shards).
+    """
+    made = 0
+    idle: list[StreamStall] = []
+    for item in items:
+        if isinstance(item, StreamStall):
+            on_note(item)
+            if item.stalled:
+                raise DataStallError(item.message)
+            idle.append(item)
+            continue
+        made += 1
+        yield item
+    if not made and idle:
+        more = f" (and {len(idle) - 1} other worker(s) likewise)" if len(idle) > 1 else ""
+        raise DataStallError(idle[0].message + more)
 
 
 def _round_robin_after(items: Iterator[StreamBatch], *, after: int) -> Iterator[StreamBatch]:
@@ -169,6 +200,11 @@ class DialogueDataModule(L.LightningDataModule):
         rank / world_size: override the rank and world size (default: the trainer's, else torch.distributed, else
             the ``RANK`` / ``WORLD_SIZE`` environment, else 0 / 1).
         max_health_examples: skip examples kept per worker.
+        max_image_pixels: skip samples with an image of more pixels, read from its header before decoding
+            (images are also reduced while decoding to what ``max_image_side`` needs).
+        stall_after_samples: stop the run with one line saying why (top skip reasons, the token budget vs the
+            shortest sample) when this many samples in a row could not join a batch; an epoch in which no worker
+            made a batch stops it too. Never a silent spin.
 
     Example:
         >>> dm = DialogueDataModule(train_sources=[{"name": "s", "shards": "data/index.json"}],
@@ -200,6 +236,8 @@ class DialogueDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         max_health_examples: int = 16,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        stall_after_samples: int = 1000,
     ) -> None:
         super().__init__()
         self.train_sources = [SourceSpec.coerce(s, where=f"train_sources[{i}]") for i, s in enumerate(train_sources)]
@@ -240,6 +278,8 @@ class DialogueDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self._rank_override = (rank, world_size)
         self.max_health_examples = max_health_examples
+        self.max_image_pixels = max_image_pixels
+        self.stall_after_samples = int(stall_after_samples)
         self.rank, self.world_size = 0, 1
         self.train_stream: DialogueStream | None = None
         self.val_stream: DialogueStream | None = None
@@ -302,6 +342,8 @@ class DialogueDataModule(L.LightningDataModule):
             stage=stage,
             max_health_examples=self.max_health_examples,
             word_noise=self.word_noise if stage == "train" else None,
+            max_image_pixels=self.max_image_pixels,
+            stall_after_samples=self.stall_after_samples,
         )
         if stage == "train":
             self._fingerprint = sources_fingerprint(sources)
@@ -331,6 +373,7 @@ class DialogueDataModule(L.LightningDataModule):
             persistent_workers=False,  # each epoch's workers must see that epoch's plan
             on_start=on_start,
             on_end=on_end,
+            on_note=lambda note: self._healths.setdefault(note.stage, {}).__setitem__(note.worker, note.health),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -201,22 +201,33 @@ class Dialogue:
                 raise DialogueError(f"{at}: must be an object")
             try:
                 role = Role(rt.get("role"))
-            except ValueError:
+            except (ValueError, TypeError):
                 raise DialogueError(f"{at}: unknown role {rt.get('role')!r} (expected 'user' or 'assistant')") from None
+            raw_segments = rt.get("segments")
+            if not isinstance(raw_segments, list):
+                raise DialogueError(f"{at}: 'segments' must be a list, got {type(raw_segments).__name__}")
             segs: list[Segment] = []
-            for j, rs in enumerate(rt.get("segments") or []):
+            for j, rs in enumerate(raw_segments):
                 kind = rs.get("type") if isinstance(rs, dict) else None
-                drop = bool(rs.get("droppable", False)) if isinstance(rs, dict) else False
                 if kind == "text" and isinstance(rs.get("text"), str):
-                    segs.append(TextSegment(text=rs["text"], droppable=drop))
+                    segs.append(
+                        TextSegment(text=rs["text"], droppable=_flag(rs, "droppable", False, f"{at} segment {j}"))
+                    )
                 elif kind == "image" and isinstance(rs.get("image"), str):
-                    segs.append(ImageSegment(image=rs["image"], droppable=drop))
+                    segs.append(
+                        ImageSegment(image=rs["image"], droppable=_flag(rs, "droppable", False, f"{at} segment {j}"))
+                    )
                 else:
                     raise DialogueError(f"{at} segment {j}: expected a text or image segment, got {rs!r}")
             turns.append(
-                Turn(role=role, segments=segs, trainable=bool(rt.get("trainable", True)), meta=dict(rt.get("meta", {})))
+                Turn(
+                    role=role,
+                    segments=segs,
+                    trainable=_flag(rt, "trainable", True, at),
+                    meta=_meta(rt, at),
+                )
             )
-        dialogue = cls(id=did, turns=turns, meta=dict(data.get("meta", {})))
+        dialogue = cls(id=did, turns=turns, meta=_meta(data, f"dialogue {did!r}"))
         dialogue.validate()
         return dialogue
 
@@ -227,6 +238,21 @@ class Dialogue:
         except json.JSONDecodeError as e:
             raise DialogueError(f"malformed dialogue JSON: {e}") from None
         return cls.from_dict(data)
+
+
+def _flag(node: dict[str, Any], name: str, default: bool, where: str) -> bool:
+    """A boolean field: JSON ``true``/``false`` only ("no", "false", 0 are errors, not truthy values)."""
+    value = node.get(name, default)
+    if not isinstance(value, bool):
+        raise DialogueError(f"{where}: {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def _meta(node: dict[str, Any], where: str) -> dict[str, Any]:
+    value = node.get("meta", {})
+    if not isinstance(value, dict):
+        raise DialogueError(f"{where}: 'meta' must be an object, got {type(value).__name__}")
+    return dict(value)
 
 
 @dataclass

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +45,11 @@ from typing import Any
 import braceexpand
 import torch
 import webdataset as wds
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from torchvision.io import encode_jpeg, encode_png
+from webdataset.tariterators import base_plus_ext
 
-from chatumm_kit.data.dialogue import Dialogue, DialogueError, DialogueSample
+from chatumm_kit.data.dialogue import Dialogue, DialogueSample
+from chatumm_kit.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from chatumm_kit.data.skips import DataHealth, SkipReason
 
 __all__ = [
@@ -450,11 +452,29 @@ class RawSample:
     problem: str | None = None
 
 
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's convention for archive metadata members
+
+
+def _tar_members(f: Any, stop: list[int]) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of the regular members of a tar stream; ``stop[0]`` is set to the offset where reading
+    ended (the header that ended the archive: end-of-archive zeros, or a damaged header tarfile stopped at)."""
+    with tarfile.open(fileobj=f, mode="r|*") as tf:
+        for info in tf:
+            stop[0] = tf.offset
+            if not info.isreg() or _META_MEMBER.match(info.name):
+                continue
+            data = tf.extractfile(info).read()
+            stop[0] = tf.offset
+            yield info.name, data
+        stop[0] = tf.offset
+
+
 def iter_shard(ref: ShardRef | str | Path, *, health: DataHealth) -> Iterator[RawSample]:
     """Raw samples of one shard, in file order. Shard-level problems are recorded in ``health``, never raised.
 
     A read error mid-archive ends the shard (samples before it are kept; the sample being read is lost and the
-    record says so); a shard holding fewer samples than its index entry is recorded as truncated too.
+    record says so); so does a damaged member header (tarfile ends such an archive quietly; the bytes left after it
+    tell) and a shard holding fewer samples than its index entry — each recorded as truncated.
     """
     ref = ref if isinstance(ref, ShardRef) else ShardRef(str(ref))
     count = 0
@@ -464,13 +484,15 @@ def iter_shard(ref: ShardRef | str | Path, *, health: DataHealth) -> Iterator[Ra
     except OSError as e:
         health.record(SkipReason.UNREADABLE_SHARD, shard=ref.path, message=f"{type(e).__name__}: {e}")
         return
+    expect = f" (index lists {ref.num_samples})" if ref.num_samples is not None else ""
     with f:
         if os.fstat(f.fileno()).st_size == 0:
             health.record(SkipReason.EMPTY_SHARD, shard=ref.path, message="zero-byte file")
             return
+        stop = [0]
         try:
-            for member in tar_file_iterator(f):
-                prefix, ext = base_plus_ext(member["fname"])
+            for name, data in _tar_members(f, stop):
+                prefix, ext = base_plus_ext(name)
                 if prefix is None:
                     continue  # a member name without an extension belongs to no sample
                 if current is None or prefix != current.key:
@@ -480,22 +502,21 @@ def iter_shard(ref: ShardRef | str | Path, *, health: DataHealth) -> Iterator[Ra
                     current = RawSample(shard=ref.path, key=prefix)
                 if ext in current.members:
                     current.problem = f"duplicate member {prefix}.{ext}"
-                current.members[ext] = member["data"]
+                current.members[ext] = data
         except Exception as e:  # tarfile.ReadError, EOFError, zlib errors… whatever a damaged archive raises
             lost = f"; sample {current.key!r} lost" if current is not None else ""
-            expect = f" (index lists {ref.num_samples})" if ref.num_samples is not None else ""
             health.record(
                 SkipReason.TRUNCATED_SHARD,
                 shard=ref.path,
                 message=f"read error after {count} complete samples{expect}{lost}: {type(e).__name__}: {e}",
             )
             return
-        if current is not None and not _has_end_marker(f):
-            # Cut at a member boundary: tarfile ends quietly, but a complete archive closes with zero blocks.
+        problem = _end_problem(f, stop[0])
+        if current is not None and problem is not None:
             health.record(
                 SkipReason.TRUNCATED_SHARD,
                 shard=ref.path,
-                message=f"no end-of-archive marker after {count} complete samples; sample {current.key!r} lost",
+                message=f"{problem} after {count} complete samples{expect}; sample {current.key!r} lost (and any after it)",
             )
             return
     if current is not None:
@@ -509,35 +530,47 @@ def iter_shard(ref: ShardRef | str | Path, *, health: DataHealth) -> Iterator[Ra
         )
 
 
-def _has_end_marker(f: Any) -> bool:
-    """Whether an uncompressed tar ends with its two zero blocks (compressed archives are not checked)."""
+def _end_problem(f: Any, offset: int) -> str | None:
+    """Why an uncompressed tar that tarfile read to ``offset`` did not end properly, or ``None`` if it did.
+
+    A complete archive ends with two zero blocks at ``offset``. Bytes that are not zeros there are a header tarfile
+    could not parse (a flipped byte fails its checksum, and tarfile then ends the archive without a word); fewer
+    than two blocks is a file cut short. Compressed archives are not checked (their stream errors raise instead).
+    """
     f.seek(0)
     head = f.read(512)
     if head[257:262] != b"ustar":
-        return True
+        return None
     size = f.seek(0, os.SEEK_END)
-    if size % 512 or size < 1536:
-        return False
-    f.seek(size - 1024)
-    return f.read(1024) == bytes(1024)
+    f.seek(offset)
+    tail = f.read(1024)
+    if len(tail) == 1024 and tail == bytes(1024):
+        return None
+    if tail[:512].strip(b"\0"):
+        return f"damaged tar header at byte {offset} of {size}"
+    return f"no end-of-archive marker (file ends at byte {size})"
 
 
-def _decode_rgb(data: bytes) -> torch.Tensor:
-    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
-        raise ValueError(f"decoded to {img.dtype} {tuple(img.shape)}, expected uint8 [3, H, W]")
-    return img
+def decode_sample(
+    raw: RawSample,
+    *,
+    health: DataHealth,
+    key: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+) -> DialogueSample | None:
+    """Decode one raw sample, or record why it is skipped and return ``None``. Never raises for bad data.
 
-
-def decode_sample(raw: RawSample, *, health: DataHealth, key: str | None = None) -> DialogueSample | None:
-    """Decode one raw sample, or record why it is skipped and return ``None``.
-
-    Checks run cheapest first: members, JSON and schema, image references, then image decoding.
+    Checks run cheapest first: members, JSON and schema, image references, then each image's header (the pixel
+    cap) and decoding (:func:`~chatumm_kit.data.image_decode.decode_rgb`).
 
     Args:
         raw: the sample's members.
         health: where skips are recorded (``samples_ok`` is left to the caller, who knows when a sample counts).
         key: the :attr:`DialogueSample.key` to give; default ``"{shard file name}/{sample key}"``.
+        max_pixels: skip a sample with an image of more pixels (read from the header, before decoding).
+        min_side: reduce images while decoding, keeping their longer side ``>= min_side`` (the packer's
+            ``max_image_side``); ``None`` decodes at full size.
     """
 
     def skip(reason: SkipReason, message: str) -> None:
@@ -563,16 +596,18 @@ def decode_sample(raw: RawSample, *, health: DataHealth, key: str | None = None)
         image_data[image_key] = data
     try:
         dialogue = Dialogue.from_json(raw.members["json"].decode("utf-8"))
-    except (DialogueError, UnicodeDecodeError) as e:
-        return skip(SkipReason.MALFORMED_JSON, str(e))
+    except Exception as e:  # DialogueError, UnicodeDecodeError, RecursionError on absurd nesting: all bad data
+        return skip(SkipReason.MALFORMED_JSON, str(e) or type(e).__name__)
     missing = [k for k in dialogue.image_keys if k not in image_data]
     if missing:
         return skip(SkipReason.UNRESOLVED_IMAGE, f"dialogue {dialogue.id!r} references {missing}, not in the sample")
     images: dict[str, torch.Tensor] = {}
     for image_key, data in image_data.items():
         try:
-            images[image_key] = _decode_rgb(data)
-        except Exception as e:  # torchvision raises RuntimeError for bad bytes; be broad: bad data is data
+            images[image_key] = decode_rgb(data, max_pixels=max_pixels, min_side=min_side, where=f"image {image_key!r}")
+        except ImageDecodeError as e:
+            return skip(SkipReason(e.reason), str(e))
+        except Exception as e:  # a decoder bug or MemoryError on one sample must not end the worker
             return skip(SkipReason.CORRUPT_IMAGE, f"image {image_key!r}: {type(e).__name__}: {e}")
     return DialogueSample(dialogue=dialogue, images=images, key=key or f"{Path(raw.shard).name}/{raw.key}")
 

@@ -34,6 +34,7 @@ class SkipReason(str, Enum):
     MALFORMED_JSON = "malformed_json"  # JSON that does not parse, or breaks the Dialogue schema
     BAD_MEMBER = "bad_member"  # an ``img.*`` member whose name encodes no valid image key, or a duplicate member
     CORRUPT_IMAGE = "corrupt_image"  # image bytes that do not decode to an RGB image
+    IMAGE_TOO_LARGE = "image_too_large"  # an image whose header declares more pixels than ``max_image_pixels``
     UNRESOLVED_IMAGE = "unresolved_image"  # the dialogue references an image key the sample does not carry
     OVER_LENGTH = "over_length"  # more tokens than the packer's per-sample cap (``max_sample_tokens``)
     UNPACKABLE = "unpackable"  # the packer cannot serialise it (e.g. a text segment that encodes to no token)

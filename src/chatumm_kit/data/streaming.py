@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,12 +62,22 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.data.dialogue import DialogueSample
+from chatumm_kit.data.image_decode import DEFAULT_MAX_PIXELS
 from chatumm_kit.data.packing import Packer, PackingError, TokenBudgetBatcher
 from chatumm_kit.data.shards import RawSample, ShardRef, decode_sample, iter_shard, resolve_shards
 from chatumm_kit.data.skips import DataHealth, SkipReason
 from chatumm_kit.data.word_noise import WordNoise
 
-__all__ = ["SourceSpec", "ResolvedSource", "DataPosition", "StreamBatch", "DialogueStream", "assign_shards"]
+__all__ = [
+    "SourceSpec",
+    "ResolvedSource",
+    "DataPosition",
+    "StreamBatch",
+    "StreamStall",
+    "DataStallError",
+    "DialogueStream",
+    "assign_shards",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +285,39 @@ class StreamBatch:
     stage: str = "train"
 
 
+class DataStallError(RuntimeError):
+    """The data cannot make a batch: the run stops with one line saying why (skip reasons, budget vs samples)."""
+
+
+@dataclass
+class StreamStall:
+    """What a worker yields instead of a batch when its stream cannot make one (never reaches training).
+
+    Attributes:
+        message: one line: what was read, the top skip reasons, the token budget vs the shortest sample.
+        health: the worker's skip counts so far.
+        worker: the DataLoader worker id.
+        stalled: ``True`` — ``stall_after_samples`` samples in a row were skipped (stop the run now);
+            ``False`` — the worker's stream ended without a batch (stop only if no worker made one this epoch).
+        stage: ``"train"`` or ``"val"``.
+    """
+
+    message: str
+    health: DataHealth
+    worker: int
+    stalled: bool
+    stage: str = "train"
+
+
+class _Stalled(Exception):
+    """Raised inside a worker's sample loop when ``stall_after_samples`` samples in a row were skipped."""
+
+
+def _top_reasons(counts: Mapping[str, int], limit: int = 3) -> str:
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return ", ".join(f"{k} {v}" for k, v in top) or "none"
+
+
 # --------------------------------------------------------------------------------------------- the dataset
 class DialogueStream(IterableDataset):
     """An ``IterableDataset`` of :class:`StreamBatch` es (use with ``DataLoader(batch_size=None)``).
@@ -291,6 +335,9 @@ class DialogueStream(IterableDataset):
         stage: ``"train"`` or ``"val"`` (labels the batches; val batches carry no position to save).
         max_health_examples: examples kept per worker in its :class:`DataHealth`.
         word_noise: corrupts the user text of each decoded sample (training augmentation); ``None`` for none.
+        max_image_pixels: skip a sample with an image of more pixels (read from the header, before decoding).
+        stall_after_samples: this many samples skipped in a row (none could join a batch) stop the stream with a
+            :class:`StreamStall` saying why, instead of spinning forever.
 
     Call :meth:`set_plan` in the main process before each epoch's ``iter()`` (the datamodule's loader does).
     """
@@ -313,8 +360,12 @@ class DialogueStream(IterableDataset):
         stage: str = "train",
         max_health_examples: int = 16,
         word_noise: WordNoise | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        stall_after_samples: int = 1000,
     ) -> None:
         super().__init__()
+        if stall_after_samples < 1:
+            raise ValueError(f"DialogueStream: stall_after_samples must be >= 1, got {stall_after_samples}")
         if not sources:
             raise ValueError(f"DialogueStream({stage}): no source")
         if not 0 <= rank < world_size:
@@ -336,6 +387,8 @@ class DialogueStream(IterableDataset):
         self.stage = stage
         self.max_health_examples = max_health_examples
         self.word_noise = word_noise
+        self.max_image_pixels = max_image_pixels
+        self.stall_after_samples = int(stall_after_samples)
         self.epoch = 0
         self.resume: dict[int, tuple[DataPosition, DataHealth]] = {}
         # Fail at construction, not in a worker: the batcher validates budget vs. the packer's padding multiple.
@@ -426,7 +479,17 @@ class DialogueStream(IterableDataset):
         function of ``(seed, epoch, rank, worker, key)``."""
         return _rng(self.seed, self.epoch, self.rank, worker, key, "words")
 
-    def __iter__(self) -> Iterator[StreamBatch]:
+    def _stall_line(self, what: str, *, worker: int, skipped: Mapping[str, int], shortest: int | None) -> str:
+        where = f"{self.stage} data (worker {worker} of rank {self.rank}, epoch {self.epoch})"
+        line = f"{where}: {what}; skips: {_top_reasons(skipped)}"
+        if shortest is not None:
+            line += (
+                f"; token_budget {self.token_budget} (max_sample_tokens {self.max_sample_tokens}) but the shortest "
+                f"sample needs {shortest} tokens"
+            )
+        return line
+
+    def __iter__(self) -> Iterator[StreamBatch | StreamStall]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         start, health = self.resume.get(worker, (None, None))
@@ -448,25 +511,55 @@ class DialogueStream(IterableDataset):
         pending: dict[str, int] = {}  # sample key → ordinal, for samples handed to the batcher and not yet emitted
         ended = False  # the raw stream has run out (set by samples(); a resumed tail drains it below)
 
+        # The stall watch: samples skipped in a row (reset by a sample that joins the batcher), their reasons, and
+        # the fewest tokens an over-length one needed (in the run, and over the whole stream).
+        barren_run, barren_skips = 0, Counter()
+        barren_shortest: int | None = None
+        shortest_ever: int | None = None
+
+        def skipped(ordinal: int, reason: SkipReason, n_tokens: int | None = None) -> None:
+            nonlocal barren_run, barren_shortest, shortest_ever
+            progress.mark(ordinal)
+            barren_run += 1
+            barren_skips[reason.value] += 1
+            if n_tokens is not None:
+                barren_shortest = min(n_tokens, barren_shortest or n_tokens)
+                shortest_ever = min(n_tokens, shortest_ever or n_tokens)
+            if barren_run >= self.stall_after_samples:
+                raise _Stalled()
+
         def samples() -> Iterator[DialogueSample]:
-            nonlocal ended
+            nonlocal ended, barren_run, barren_shortest
             for ordinal, name, raw in self._raw_stream(worker, num_workers, health):
                 if progress.is_done(ordinal):
                     continue  # consumed before the checkpoint this run resumed from
                 key = f"{name}/{Path(raw.shard).name}/{raw.key}#{ordinal}"
-                sample = decode_sample(raw, health=health, key=key)
+                before = dict(health.sample_skips)
+                sample = decode_sample(
+                    raw,
+                    health=health,
+                    key=key,
+                    max_pixels=self.max_image_pixels,
+                    min_side=self.packer.max_image_side,
+                )
                 if sample is None:
-                    progress.mark(ordinal)
+                    reason = next(
+                        (k for k, v in health.sample_skips.items() if v != before.get(k, 0)), "malformed_json"
+                    )
+                    skipped(ordinal, SkipReason(reason))
                     continue
-                if self.word_noise is not None:
-                    sample = self.word_noise(sample, self.noise_rng(key, worker=worker))
-                # The batcher would skip an over-cap sample itself; checking here names the reason and the size.
+                # Word noise and measuring run user-supplied text through the tokenizer: any failure is this
+                # sample's, never the worker's.
                 try:
+                    if self.word_noise is not None:
+                        sample = self.word_noise(sample, self.noise_rng(key, worker=worker))
                     n = self.packer.measure(sample)
-                except PackingError as e:
-                    health.record(SkipReason.UNPACKABLE, shard=raw.shard, key=raw.key, message=str(e))
-                    progress.mark(ordinal)
+                except Exception as e:
+                    msg = str(e) if isinstance(e, PackingError) else f"{type(e).__name__}: {e}"
+                    health.record(SkipReason.UNPACKABLE, shard=raw.shard, key=raw.key, message=msg)
+                    skipped(ordinal, SkipReason.UNPACKABLE)
                     continue
+                # The batcher would skip an over-cap sample itself; checking here names the reason and the size.
                 if n > batcher.cap:
                     health.record(
                         SkipReason.OVER_LENGTH,
@@ -474,8 +567,10 @@ class DialogueStream(IterableDataset):
                         key=raw.key,
                         message=f"{n} tokens > cap {batcher.cap} (max_sample_tokens / token_budget)",
                     )
-                    progress.mark(ordinal)
+                    skipped(ordinal, SkipReason.OVER_LENGTH, n)
                     continue
+                barren_run, barren_shortest = 0, None
+                barren_skips.clear()
                 pending[key] = ordinal
                 yield sample
             ended = True
@@ -509,27 +604,44 @@ class DialogueStream(IterableDataset):
             buffered=buffered,
             ended=resume_ended,
         )
-        for batch in batches:
-            for key in batch.sample_keys:
-                if key not in pending:
-                    raise RuntimeError(f"data stream: batcher emitted unknown sample key {key!r}")
-                progress.mark(pending.pop(key))
-            health.samples_ok += len(batch.sample_keys)
-            progress.batches += 1
-            item = StreamBatch(batch=batch, position=position(), health=health.copy(), stage=self.stage)
+        try:
+            for batch in batches:
+                for key in batch.sample_keys:
+                    if key not in pending:
+                        raise RuntimeError(f"data stream: batcher emitted unknown sample key {key!r}")
+                    progress.mark(pending.pop(key))
+                health.samples_ok += len(batch.sample_keys)
+                progress.batches += 1
+                item = StreamBatch(batch=batch, position=position(), health=health.copy(), stage=self.stage)
+                if held is not None:
+                    yield held
+                held = item
+                if quota is not None and progress.batches >= quota:
+                    break
+            else:
+                for key, ordinal in pending.items():  # the batcher flushes at the end; anything left is counted
+                    health.record(
+                        SkipReason.NOT_PACKED, shard=key.rsplit("#", 1)[0], message="never emitted in a batch"
+                    )
+                    progress.mark(ordinal)
+                pending.clear()
+        except _Stalled:
             if held is not None:
-                yield held
-            held = item
-            if quota is not None and progress.batches >= quota:
-                break
-        else:
-            for key, ordinal in pending.items():  # the batcher flushes at the end; anything left is counted
-                health.record(SkipReason.NOT_PACKED, shard=key.rsplit("#", 1)[0], message="never emitted in a batch")
-                progress.mark(ordinal)
-            pending.clear()
+                yield replace(held, position=position(), health=health.copy())
+            what = f"no sample could join a batch in the last {barren_run} read in a row"
+            line = self._stall_line(what, worker=worker, skipped=barren_skips, shortest=barren_shortest)
+            yield StreamStall(message=line, health=health.copy(), worker=worker, stalled=True, stage=self.stage)
+            return
         if held is not None:
             yield replace(held, position=position(), health=health.copy())
-        elif progress.batches == 0 and health.total_skipped:
-            logger.warning(
-                "%s worker %d of rank %d emitted no batch: %s", self.stage, worker, self.rank, health.summary()
+        elif progress.batches == 0:
+            read = health.samples_ok + sum(health.sample_skips.values())
+            shards = f", bad shards: {_top_reasons(health.counts)}" if health.bad_shards else ""
+            what = f"no batch from the {read} sample(s) it read{shards}"
+            line = self._stall_line(
+                what,
+                worker=worker,
+                skipped=health.sample_skips,
+                shortest=shortest_ever,
             )
+            yield StreamStall(message=line, health=health.copy(), worker=worker, stalled=False, stage=self.stage)
