@@ -72,17 +72,30 @@ def _run_ls(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = _load_checked(args, defaults={"resume_from": None})
+    from chatumm_kit.data.streaming import DataStallError
     from chatumm_kit.training.run import run_training  # heavy imports only when training
 
-    run_training(cfg, allowed_roots=_allowed(args))
+    try:
+        run_training(cfg, allowed_roots=_allowed(args))
+    except DataStallError as e:  # the data cannot make a batch: one line, not a traceback or a silent spin
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     cfg = _load_checked(args)
-    from chatumm_kit.synth.pipeline import run_synth
+    from chatumm_kit.synth.pipeline import SynthAborted, run_synth
 
-    run_synth(cfg, allowed_roots=_allowed(args))
+    try:
+        report = run_synth(cfg, allowed_roots=_allowed(args))
+    except SynthAborted as e:  # the backend failed; finished shards are kept and a rerun resumes
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if report.written == 0:
+        top = ", ".join(f"{k} {v}" for k, v in report.failures.most_common(3)) or "no candidate was made"
+        print(f"error: synth wrote 0 dialogues ({report.attempted} dropped: {top}); see report.json", file=sys.stderr)
+        return 1
     return 0
 
 

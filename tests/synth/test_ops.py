@@ -194,18 +194,23 @@ def test_runner_drops_after_max_attempts_with_reason():
     assert runner.stats.failed == {"caption2query:refusal": 1}
 
 
-def test_cache_replays_every_attempt_without_calls(tmp_path):
+def test_cache_replays_accepted_answers_and_asks_again_for_rejected_ones(tmp_path):
     answers = ['{"query": 1}', '{"query": "Draw a red circle."}']
     cache = AnswerCache(path=tmp_path / "c.sqlite")
     first = OpRunner(backend=Scripted(answers), cache=cache).run(
         "caption2query", Caption2QueryIn(caption="a red circle")
     )
     cache.close()
-    replay_backend = Scripted([])  # would raise IndexError if called
+    # attempt 0 was rejected: it is asked again (the endpoint may be fixed now); attempt 1 was accepted: it replays
+    replay_backend = Scripted(['{"query": "Please draw a red circle."}'])  # raises IndexError on a second call
     cache2 = AnswerCache(path=tmp_path / "c.sqlite")
     runner = OpRunner(backend=replay_backend, cache=cache2)
     again = runner.run("caption2query", Caption2QueryIn(caption="a red circle"))
-    assert again == first and runner.stats.calls == 0 and runner.stats.cache_hits == 2
+    assert again.query == "Please draw a red circle." != first.query
+    assert runner.stats.calls == 1 and runner.stats.cache_hits == 0
+    third = OpRunner(backend=Scripted([]), cache=cache2)
+    assert third.run("caption2query", Caption2QueryIn(caption="a red circle")) == again
+    assert third.stats.calls == 0 and third.stats.cache_hits == 1
     # a different model does not see those answers
     other = Scripted(['{"query": "Paint a red circle."}'])
     other.model_id = "other-model"

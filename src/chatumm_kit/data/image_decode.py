@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,21 +49,22 @@ class ImageTooLargeError(ImageDecodeError):
     reason = "image_too_large"
 
 
-def _open(data: bytes, where: str):
+def _open(data: bytes | Path, where: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap is the check that counts
-            return Image.open(io.BytesIO(data))
+            return Image.open(data if isinstance(data, Path) else io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{where}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(f"{where}: not a readable image ({len(data)} bytes): {e}") from None
+        size = f"{len(data)} bytes" if isinstance(data, bytes) else str(data)
+        raise ImageDecodeError(f"{where}: not a readable image ({size}): {e}") from None
 
 
-def image_size(data: bytes, *, where: str = "image") -> tuple[int, int]:
-    """``(width, height)`` from the header alone (nothing decoded)."""
+def image_size(data: bytes | Path, *, where: str = "image") -> tuple[int, int]:
+    """``(width, height)`` from the header alone (nothing decoded; a file is read only as far as its header)."""
     with _open(data, where) as im:
         return im.size
 

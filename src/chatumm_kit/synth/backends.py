@@ -110,6 +110,7 @@ class OpenAIChatBackend:
         temperature, max_tokens: sampling settings sent with every request.
         json_mode: also send ``response_format: {"type": "json_object"}``.
         extra_body: more JSON fields merged into every request (server-specific options).
+        max_response_bytes: a longer response body is refused (this input's dialogue is dropped), never read whole.
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class OpenAIChatBackend:
         max_tokens: int = 512,
         json_mode: bool = False,
         extra_body: Mapping[str, Any] | None = None,
+        max_response_bytes: int = 1 << 20,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
@@ -144,6 +146,7 @@ class OpenAIChatBackend:
         self.max_tokens = max_tokens
         self.json_mode = json_mode
         self.extra_body = dict(extra_body or {})
+        self.max_response_bytes = int(max_response_bytes)
         self.limiter = RateLimiter(per_minute=requests_per_minute, burst=burst, sleep=sleep)
         self._slots = threading.BoundedSemaphore(max(1, max_concurrency))
         self._sleep = sleep
@@ -153,6 +156,11 @@ class OpenAIChatBackend:
     @property
     def model_id(self) -> str:
         return self.model
+
+    @property
+    def endpoint(self) -> str:
+        """The URL answers come from: part of the answer cache's key, so two servers' answers never mix."""
+        return self.url
 
     # ------------------------------------------------------------------ request building
     @staticmethod
@@ -192,7 +200,12 @@ class OpenAIChatBackend:
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with self._slots:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return resp.read()
+                body = resp.read(self.max_response_bytes + 1)
+        if len(body) > self.max_response_bytes:
+            raise BackendError(
+                f"response from {self.url} is larger than max_response_bytes={self.max_response_bytes}", stop_run=False
+            )
+        return body
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:

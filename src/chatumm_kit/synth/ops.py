@@ -203,6 +203,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_INTERNAL_KEY = re.compile(r"\b(?:img|image|pic)[_-]?\d+\b", re.IGNORECASE)  # "img1", "image_3": pipeline ids
+
+
 class Operation:
     """Base of every atomic operation.
 
@@ -315,14 +318,17 @@ class CaptionRequestIn:
 
 @dataclass(frozen=True)
 class Query2DepQIn:
-    """``target``: a description of the picture the query acts on; ``others``: descriptions of the other pictures
-    in the history (the reference must not fit them); ``distance``: unrelated turns in between."""
+    """``target``: a description of the picture the query acts on (``""`` when none is known); ``others``:
+    descriptions of the other pictures in the history (the reference must not fit them); ``distance``: unrelated
+    turns in between; ``target_image``: the picture itself, shown to the model when there is no description (a
+    vision model then refers to it by what it shows)."""
 
     query: str
     target: str
     others: tuple[str, ...] = ()
     distance: int = 1
     truth: dict | None = None
+    target_image: ImageRef | None = None
 
 
 @dataclass(frozen=True)
@@ -434,16 +440,35 @@ class Query2DepQ(Operation):
         "In a long chat, the user now returns to an earlier picture, {distance} unrelated turn(s) ago. Rewrite the "
         "request so it explicitly identifies that picture and could only be resolved from the chat history, e.g. "
         "'Go back to the cat picture from the start and make it night-time.' Request: {query!r}. The earlier "
-        "picture: {target!r}. Other pictures in the chat (do not describe them): {others!r}"
+        "picture: {target}. Other pictures in the chat (do not describe them): {others!r}"
     )
+    _SHOWN = "the attached image (refer to it by what it shows, never by a file name or an id)"
 
     def __init__(self, *, max_chars: int = 400, min_overlap: float = 0.5) -> None:
         super().__init__(max_chars=max_chars)
         self.min_overlap = min_overlap
 
+    def user_content(self, inputs: Query2DepQIn) -> tuple[str | ImageRef, ...]:
+        target = repr(inputs.target) if inputs.target else self._SHOWN
+        text = self.instruction.format(
+            distance=inputs.distance, query=inputs.query, target=target, others=list(inputs.others)
+        )
+        text = f"{text}\nAnswer with JSON only, exactly these keys: {self.schema()}"
+        return (inputs.target_image, text) if inputs.target_image is not None and not inputs.target else (text,)
+
+    def cache_inputs(self, inputs: Query2DepQIn) -> Any:
+        out = _jsonable(inputs)
+        if inputs.target_image is None:
+            del out["target_image"]  # keys of calls without an image stay what they were
+        return out
+
     def validate(self, inputs: Query2DepQIn, output: QueryOut) -> None:
         if content_words(output.query) == content_words(inputs.query):
             raise OpOutputError("invalid", "the rewrite adds no reference to the earlier picture")
+        if _INTERNAL_KEY.search(output.query):
+            raise OpOutputError(
+                "invalid", f"refers to the picture by an internal id ({_INTERNAL_KEY.search(output.query).group(0)!r})"
+            )
         ov = _overlap(inputs.query, output.query)
         if (
             len(content_words(inputs.query)) >= 3 and ov < self.min_overlap

@@ -323,6 +323,8 @@ class SynthPipeline:
         balancer = MixBalancer(targets=self.targets, gain=self.steering_gain)
         balancer.load_state_dict(state.balancer)
         report = SynthReport.from_dict(state.report) if state.report else SynthReport(targets=self.targets.to_dict())
+        report.source_skips = dict(getattr(self.pool, "skip_counts", None) or {})
+        report.source_skip_examples = list(getattr(self.pool, "skip_examples", None) or [])[:20]
         cache = AnswerCache(path=self.cache_path) if self.use_cache else None
         runner = OpRunner(backend=self.backend, cache=cache, ops=self.ops, max_attempts=self.max_attempts)
         self.runner = runner
@@ -359,6 +361,7 @@ class SynthPipeline:
                     state.next_index = consumed
                     state.written += len(accepted)
                     state.balancer = balancer.state_dict()
+                    report.llm_answers = {"asked": runner.stats.calls, "from_cache": runner.stats.cache_hits}
                     state.report = report.to_dict()
                     self._commit(state, accepted)
                     report.write(self.output_dir, png=False)  # readable while the run goes on
@@ -375,6 +378,7 @@ class SynthPipeline:
                 state.written,
                 self.num_dialogues,
             )
+        report.llm_answers = {"asked": runner.stats.calls, "from_cache": runner.stats.cache_hits}
         report.write(self.output_dir, png=self.report_png)
         return report
 
@@ -401,8 +405,12 @@ def run_synth(
         report = pipeline.run()
     finally:
         torch.set_num_threads(threads)
+    llm = report.llm_answers
+    answers = f"; LLM answers: {llm.get('asked', 0)} asked, {llm.get('from_cache', 0)} from the cache" if llm else ""
     print(
         f"synth: {report.written} dialogues written ({report.attempted - report.written} dropped) to "
-        f"{pipeline.output_dir}; report: {pipeline.output_dir / 'report.json'}"
+        f"{pipeline.output_dir}{answers}; report: {pipeline.output_dir / 'report.json'}"
     )
+    if report.source_skips:
+        print(f"synth: source rows skipped: {dict(sorted(report.source_skips.items()))} (examples in report.json)")
     return report

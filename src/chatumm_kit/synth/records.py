@@ -52,16 +52,11 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 
 def decode_image(data: bytes, *, where: str = "image") -> torch.Tensor:
-    """Encoded image bytes (PNG, JPEG, ...) → uint8 ``[3, H, W]`` (RGB)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    """Encoded image bytes (PNG, JPEG, ...) → uint8 ``[3, H, W]`` (RGB), through the kit's one image decoder
+    (:func:`chatumm_kit.data.image_decode.decode_rgb`: pixel cap, 16-bit and other modes scaled, not clipped)."""
+    from chatumm_kit.data.image_decode import decode_rgb
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{where}: cannot decode image bytes ({len(data)} bytes): {e}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return decode_rgb(data, where=where)
 
 
 def _sniff_mime(data: bytes) -> str:

@@ -1,8 +1,8 @@
 """Running atomic operations through a backend: cache, strict parsing, validation, retries with feedback, drops.
 
-:class:`OpRunner` looks each call up in the :class:`~.cache.AnswerCache` (key: operation, version, input, model,
-attempt), asks the backend on a miss, and hands the raw text to the operation's parser and validator. A rejected
-answer is retried — the model is shown its answer and why it was rejected — up to ``max_attempts`` times; then
+:class:`OpRunner` looks each call up in the :class:`~.cache.AnswerCache` (key: operation, version, input, endpoint,
+model, attempt), asks the backend on a miss, hands the raw text to the operation's parser and validator, and stores
+the answer with the verdict (only accepted answers replay). A rejected answer is retried — the model is shown its answer and why it was rejected — up to ``max_attempts`` times; then
 :class:`~.ops.OpFailed` carries the reason (``"<op>:<code>"``) to the pipeline, which records it and drops the dialogue.
 
 Example:
@@ -53,7 +53,8 @@ class OpRunner:
 
     Args:
         backend: answers the calls (an LLM client or a rule-based backend).
-        cache: stores every raw answer by (op, version, input, model, attempt); ``None`` to disable.
+        cache: stores every raw answer by (op, version, input, endpoint, model, attempt) with whether it was
+            accepted; ``None`` to disable.
         ops: extra or replacement operations by name, on top of the global registry.
         max_attempts: tries per call before :class:`OpFailed`.
 
@@ -81,6 +82,7 @@ class OpRunner:
         self.registry = {**OPERATIONS, **(ops or {})}
         self.max_attempts = max_attempts
         self.model_id = str(getattr(backend, "model_id", type(backend).__name__))
+        self.endpoint = str(getattr(backend, "endpoint", ""))  # e.g. the server URL: its answers are its own
         self.stats = OpStats()
         self._lock = threading.Lock()
         self._inflight: dict[str, Future] = {}
@@ -95,12 +97,21 @@ class OpRunner:
             )
         return text
 
-    def _raw(self, op: Operation, inputs: Any, attempt: int, feedback: list[ChatMessage]) -> str:
-        if self.cache is None:
-            return self._call(op, inputs, attempt, feedback)
-        key = AnswerCache.key(
-            op=op.name, version=op.version, inputs=op.cache_inputs(inputs), model=self.model_id, attempt=attempt
+    def _key(self, op: Operation, inputs: Any, attempt: int) -> str:
+        return AnswerCache.key(
+            op=op.name,
+            version=op.version,
+            inputs=op.cache_inputs(inputs),
+            model=self.model_id,
+            attempt=attempt,
+            endpoint=self.endpoint,
         )
+
+    def _raw(self, op: Operation, inputs: Any, attempt: int, feedback: list[ChatMessage]) -> tuple[str, bool]:
+        """``(answer, replayed)``: from the cache when it holds an accepted answer, else from the backend."""
+        if self.cache is None:
+            return self._call(op, inputs, attempt, feedback), False
+        key = self._key(op, inputs, attempt)
         # Identical calls in flight at once (two dialogues, two threads) share one backend answer: otherwise each
         # would use its own sample while the cache keeps one, and a replay from the cache would differ.
         with self._lock:
@@ -112,23 +123,27 @@ class OpRunner:
             text = pending.result()
             with self._lock:
                 self.stats.cache_hits += 1
-            return text
+            return text, True
         try:
             text = self.cache.get(key)
-            if text is not None:
+            replayed = text is not None
+            if replayed:
                 with self._lock:
                     self.stats.cache_hits += 1
             else:
                 text = self._call(op, inputs, attempt, feedback)
-                self.cache.put(key, text, op=op.name, model=self.model_id)
             pending.set_result(text)
-            return text
+            return text, replayed
         except BaseException as e:
             pending.set_exception(e)
             raise
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
+
+    def _store(self, op: Operation, inputs: Any, attempt: int, text: str, *, valid: bool) -> None:
+        if self.cache is not None:
+            self.cache.put(self._key(op, inputs, attempt), text, valid=valid, op=op.name, model=self.model_id)
 
     def run(self, name: str, inputs: Any) -> Any:
         """The validated output of operation ``name`` on ``inputs``, or :class:`OpFailed`."""
@@ -143,21 +158,26 @@ class OpRunner:
             if attempt:
                 with self._lock:
                     self.stats.retries += 1
-            text = self._raw(op, inputs, attempt, feedback)
+            text, replayed = self._raw(op, inputs, attempt, feedback)
             try:
-                return op(text, inputs)
+                out = op(text, inputs)
             except OpOutputError as e:
+                self._store(op, inputs, attempt, text, valid=False)  # never replayed (a replayed legacy row neither)
                 code = e.code
                 errors.append(str(e))
                 with self._lock:
                     self.stats.rejected[f"{name}:{e.code}"] += 1
                 feedback += [
-                    ChatMessage("assistant", (text,)),
+                    ChatMessage("assistant", (text[:2000],)),
                     ChatMessage(
                         "user",
                         (f"That reply was rejected ({e}). Answer again with only the JSON object {op.schema()}.",),
                     ),
                 ]
+            else:
+                if not replayed:
+                    self._store(op, inputs, attempt, text, valid=True)
+                return out
         with self._lock:
             self.stats.failed[f"{name}:{code}"] += 1
-        raise OpFailed(name, errors, code=code, last_answer=text)
+        raise OpFailed(name, errors, code=code, last_answer=text[:2000])

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from chatumm_kit.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size
 from chatumm_kit.synth.records import (
     RECORD_KINDS,
     CaptionRecord,
@@ -39,6 +41,8 @@ from chatumm_kit.synth.records import (
     Record,
     TextToImageRecord,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RecordSource",
@@ -114,7 +118,9 @@ class JsonlSource:
         id_field: dotted JSON key of a row id (default: ``<file stem>/<line number>``).
         limit: read at most this many rows.
 
-    Rows with a missing field are skipped and counted in ``skipped`` (a reason per row in ``skip_reasons``).
+    Rows with malformed JSON, a missing field, or an image that is missing, unreadable or over the pixel cap (read
+    from its header) are skipped: counted by reason in ``skip_counts``, one message per row in ``skip_reasons``;
+    :class:`DatasetPool` logs them and the synthesis report lists them.
     """
 
     def __init__(
@@ -134,17 +140,36 @@ class JsonlSource:
         self.id_field = id_field
         self.limit = limit
         self.skip_reasons: list[str] = []
+        self.skip_counts: Counter = Counter()
 
     @property
     def skipped(self) -> int:
         return len(self.skip_reasons)
 
+    def _skip(self, code: str, message: str) -> None:
+        self.skip_counts[code] += 1
+        self.skip_reasons.append(message)
+
     def _image(self, rel: str) -> ImageRef:
         file = (self.image_root / rel).resolve()  # absolute: equal relative paths under other roots do not link
         return ImageRef.lazy(f"file:{file.as_posix()}", file.read_bytes)
 
+    def _image_problem(self, rel: str) -> tuple[str, str] | None:
+        """``(code, message)`` when the image file is missing, unreadable or too large (its header only is read)."""
+        file = self.image_root / rel
+        if not file.is_file():
+            return "missing_image", f"image {rel!r} does not exist under {str(self.image_root)!r}"
+        try:
+            width, height = image_size(file, where=f"image {rel!r}")
+        except ImageDecodeError as e:
+            return e.reason, str(e)
+        if width * height > DEFAULT_MAX_PIXELS:
+            return "image_too_large", f"image {rel!r}: {width}x{height} pixels > cap {DEFAULT_MAX_PIXELS}"
+        return None
+
     def __iter__(self) -> Iterator[Record]:
         self.skip_reasons = []
+        self.skip_counts = Counter()
         cls = RECORD_KINDS[self.kind]
         with self.path.open(encoding="utf-8") as fh:
             n = 0
@@ -157,13 +182,17 @@ class JsonlSource:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    self.skip_reasons.append(f"{where}: malformed JSON: {e.msg}")
+                    self._skip("malformed_json", f"{where}: malformed JSON: {e.msg}")
                     continue
                 values: dict[str, Any] = {}
                 for name, loc in self.fields.items():
                     v = _dig(row, loc)
                     if not isinstance(v, str) or not v:
-                        self.skip_reasons.append(f"{where}: field {name!r} (key {loc!r}) missing or not a string")
+                        self._skip("missing_field", f"{where}: field {name!r} (key {loc!r}) missing or not a string")
+                        break
+                    problem = self._image_problem(v) if name in IMAGE_FIELDS else None
+                    if problem is not None:
+                        self._skip(problem[0], f"{where}: field {name!r}: {problem[1]}")
                         break
                     values[name] = self._image(v) if name in IMAGE_FIELDS else v
                 else:
@@ -225,6 +254,7 @@ class WebDatasetSource:
         self.fields = _field_map("wds", kind, fields, f"WebDatasetSource({urls!r})")
         self.limit = limit
         self.skip_reasons: list[str] = []
+        self.skip_counts: Counter = Counter()
 
     @property
     def skipped(self) -> int:
@@ -268,6 +298,7 @@ class WebDatasetSource:
 
     def __iter__(self) -> Iterator[Record]:
         self.skip_reasons = []
+        self.skip_counts = Counter()
         cls = RECORD_KINDS[self.kind]
         n = 0
         for sid, members in self._samples():
@@ -277,6 +308,7 @@ class WebDatasetSource:
             for name, loc in self.fields.items():
                 v = self._value(members, name, loc)
                 if v is None or v == "":
+                    self.skip_counts["missing_field"] += 1
                     self.skip_reasons.append(f"{sid}: field {name!r} ({loc!r}) missing; members: {sorted(members)}")
                     break
                 values[name] = v if name in IMAGE_FIELDS else str(v)
@@ -312,6 +344,9 @@ class DatasetPool:
     Follow-ups come from the data itself (an edit whose source is this image, a VQA over it) and, for images with a
     known caption, a caption record made from that caption. Records are sampled with replacement.
 
+    Rows the adapters skipped are gathered in ``skip_counts`` (reason → rows) and ``skip_examples`` (the first
+    messages), logged as a warning here, and listed in the synthesis report.
+
     Args:
         sources: adapters or plain lists of records.
     """
@@ -320,6 +355,8 @@ class DatasetPool:
         self.by_kind: dict[str, list[Record]] = defaultdict(list)
         self.by_input: dict[tuple[str, str], list[Record]] = defaultdict(list)
         self.captions: dict[str, str] = {}
+        self.skip_counts: Counter = Counter()
+        self.skip_examples: list[str] = []
         for src in sources:
             for rec in src:
                 self.by_kind[rec.kind].append(rec)
@@ -327,8 +364,20 @@ class DatasetPool:
                     self.by_input[(rec.kind, img.key)].append(rec)
                 if isinstance(rec, (TextToImageRecord, CaptionRecord)):
                     self.captions.setdefault(rec.image.key, rec.caption)
+            self.skip_counts.update(getattr(src, "skip_counts", None) or {})
+            self.skip_examples.extend(list(getattr(src, "skip_reasons", None) or [])[: 20 - len(self.skip_examples)])
+        if self.skip_counts:
+            logger.warning(
+                "DatasetPool: skipped %d source row(s) (%s); e.g. %s",
+                sum(self.skip_counts.values()),
+                ", ".join(f"{k} {v}" for k, v in sorted(self.skip_counts.items())),
+                "; ".join(self.skip_examples[:3]),
+            )
         if not self.by_kind:
-            raise ValueError("DatasetPool: the sources yielded no records")
+            raise ValueError(
+                "DatasetPool: the sources yielded no records"
+                + (f" (skipped: {dict(sorted(self.skip_counts.items()))})" if self.skip_counts else "")
+            )
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_kind.values())

@@ -115,8 +115,9 @@ def _truth(rec: Record) -> dict | None:
 
 
 def _describe(draft: DialogueDraft, key: str) -> str:
-    d = draft.images[key].description
-    return d if d else f"the picture {key}"
+    """What is known about a picture of the draft in words; ``""`` when nothing is (never its internal key: an LLM
+    would put "img1" into the user's mouth)."""
+    return draft.images[key].description or ""
 
 
 def build_exchange(
@@ -152,7 +153,7 @@ def build_exchange(
     if isinstance(rec, EditRecord):
         src, uploads = input_image(rec.source)
         q = ctx.ops.run("edit2query", Edit2QueryIn(instruction=rec.instruction, context=context, truth=truth))
-        desc = ctx.pool.describe(rec.target) or f"{_describe(draft, src)}, edited: {rec.instruction}"
+        desc = ctx.pool.describe(rec.target) or f"{_describe(draft, src) or 'a picture'}, edited: {rec.instruction}"
         key = draft.add_image(rec.target, origin_role="generated", record=rec.id, description=desc)
         return Exchange(
             task=Task.EDIT,
@@ -369,14 +370,16 @@ class DistractorStage:
                 "others": [draft.images[k].ref.truth for k in others],
                 "position": draft.history_keys(j).index(ex.refers_to),
             }
+        described = _describe(draft, ex.refers_to)
         q = ctx.ops.run(
             "query2dep_q",
             Query2DepQIn(
                 query=ex.query,
-                target=_describe(draft, ex.refers_to),
-                others=tuple(_describe(draft, k) for k in others),
+                target=described,
+                others=tuple(d for d in (_describe(draft, k) for k in others) if d),
                 distance=draft.distance(j) or 0,
                 truth=truth,
+                target_image=None if described else target.ref,  # no words for it: the model sees the picture
             ),
         )
         ex.query = q.query

@@ -264,6 +264,9 @@ class MixBalancer:
 class SynthReport:
     """What a run produced: per-cell counts, marginals, distances, turns per dialogue, failures.
 
+    Also: ``source_skips`` (rows the dataset adapters skipped, by reason) with ``source_skip_examples``, and
+    ``llm_answers`` — the backend answers this run used: ``{"asked": ..., "from_cache": ...}``.
+
     Serialises to JSON (:meth:`to_dict`, :meth:`write`) and draws a PNG with matplotlib's Agg backend.
     """
 
@@ -276,6 +279,9 @@ class SynthReport:
     turns_per_dialogue: Counter = field(default_factory=Counter)
     failures: Counter = field(default_factory=Counter)
     failure_examples: dict[str, str] = field(default_factory=dict)
+    source_skips: dict[str, int] = field(default_factory=dict)
+    source_skip_examples: list[str] = field(default_factory=list)
+    llm_answers: dict[str, int] = field(default_factory=dict)
 
     def add_dialogue(self, tags: Sequence[TurnTags], n_turns: int) -> None:
         self.attempted += 1
@@ -315,6 +321,9 @@ class SynthReport:
             "turns_per_dialogue": srt(self.turns_per_dialogue),
             "failures": dict(sorted(self.failures.items())),
             "failure_examples": dict(sorted(self.failure_examples.items())),
+            "source_skips": dict(sorted(self.source_skips.items())),
+            "source_skip_examples": list(self.source_skip_examples),
+            "llm_answers": dict(self.llm_answers),
         }
 
     @classmethod
@@ -327,6 +336,9 @@ class SynthReport:
         r.turns_per_dialogue = Counter(d.get("turns_per_dialogue", {}))
         r.failures = Counter(d.get("failures", {}))
         r.failure_examples = dict(d.get("failure_examples", {}))
+        r.source_skips = {str(k): int(v) for k, v in d.get("source_skips", {}).items()}
+        r.source_skip_examples = [str(x) for x in d.get("source_skip_examples", [])]
+        r.llm_answers = {str(k): int(v) for k, v in d.get("llm_answers", {}).items()}
         return r
 
     def write(self, out_dir: str | Path, *, stem: str = "report", png: bool = True) -> tuple[Path, Path | None]:
