@@ -9,7 +9,8 @@
   Other formats decode in full and are then reduced by an integer box factor (``Image.reduce``) with the same bound.
 * **Modes converted correctly.** 16-bit greyscale (``I;16``, ``I;16B``, ``I`` with values above 255) is scaled
   ``>> 8`` instead of clipped (PIL's ``convert("RGB")`` turns it all white); float images (``F``) in ``[0, 1]`` are
-  scaled by 255; palette, greyscale, CMYK, alpha and other modes go through PIL's conversion (alpha is dropped).
+  scaled by 255; transparent images are composited on white; palette, greyscale, CMYK and other modes go through
+  PIL's conversion. The EXIF orientation of a photo is applied (a phone picture stands the right way up).
 
 Anything that does not decode raises :class:`ImageDecodeError` (its ``reason`` is a
 :class:`~chatumm_kit.data.skips.SkipReason` value), never a library-specific exception.
@@ -85,8 +86,13 @@ def _to_rgb_array(im) -> np.ndarray:
             arr = arr * 255.0
         grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    if mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")  # PIL warns when a palette image with transparency goes straight to RGB
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+        from PIL import Image
+
+        rgba = im.convert("RGBA")  # transparent pixels show the white they would be shown on, not their hidden colour
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        white.alpha_composite(rgba)
+        im = white
     return np.asarray(im.convert("RGB"))
 
 
@@ -119,8 +125,10 @@ def decode_rgb(
             scale = min_side / long
             im.draft("RGB" if im.mode != "L" else "L", (max(1, int(width * scale)), max(1, int(height * scale))))
         try:
+            from PIL import ImageOps
+
             im.load()
-            arr = _to_rgb_array(im)
+            arr = _to_rgb_array(ImageOps.exif_transpose(im))
         except ImageDecodeError:
             raise
         except Exception as e:  # truncated files, bad CRCs, codec errors: bad data is data

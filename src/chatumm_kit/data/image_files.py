@@ -1,7 +1,8 @@
 """Reading an image reference (path, ``file://`` or ``data:`` URL) into ``uint8 [3, H, W]`` pixels with PIL.
 
 Any format and mode PIL opens is accepted: EXIF orientation is applied (a phone photo comes out upright), the first
-frame of an animation is taken, transparency is composited over white, and everything ends as 8-bit RGB. Images
+frame of an animation is taken, transparency is composited over white, 16-bit images are scaled (not clipped), and
+everything ends as 8-bit RGB — all by :func:`~chatumm_kit.data.image_decode.decode_rgb`, the kit's one decoder. Images
 larger than ``max_side`` on their long side are shrunk (aspect kept, Lanczos) so shards do not store pixels the
 packer would throw away; smaller ones are kept as they are (the packer resizes views on the fly, SPEC §4.1).
 
@@ -26,7 +27,9 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from chatumm_kit.data.image_decode import ImageDecodeError, decode_rgb
 
 __all__ = ["ImageReadError", "read_image", "describe_ref"]
 
@@ -77,22 +80,14 @@ def read_image(ref: str, *, images_dir: str | Path, max_side: int | None = None)
         ImageReadError: missing file, remote URL, or bytes PIL cannot decode (the message names the reference).
     """
     src = _source(ref, Path(images_dir))
-    try:
-        with Image.open(src) as opened:
-            opened.seek(0)
-            im = ImageOps.exif_transpose(opened)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im.alpha_composite(rgba)
-            im = im.convert("RGB")
-            if max_side and max(im.size) > max_side:
-                scale = max_side / max(im.size)
-                size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-                im = im.resize(size, Image.Resampling.LANCZOS)
-            pixels = np.asarray(im, dtype=np.uint8)
-    except ImageReadError:
-        raise
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, DecompressionBombError, ...
-        raise ImageReadError(f"{describe_ref(ref)}: cannot decode ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+    data = src.getvalue() if isinstance(src, io.BytesIO) else src.read_bytes()
+    try:  # the kit's one decoder: pixel cap from the header, EXIF orientation, alpha on white, 16-bit scaled
+        pixels = decode_rgb(data, min_side=max_side or None, where=describe_ref(ref))
+    except ImageDecodeError as e:
+        raise ImageReadError(f"cannot decode: {e}") from None
+    if max_side and max(pixels.shape[1:]) > max_side:
+        scale = max_side / max(pixels.shape[1:])
+        size = (max(1, round(pixels.shape[2] * scale)), max(1, round(pixels.shape[1] * scale)))
+        im = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize(size, Image.Resampling.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return pixels
