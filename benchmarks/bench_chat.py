@@ -35,8 +35,9 @@ context runs) vs three (scales 4 and 1.5 with ``cfg_interval = (0, 1)``: all thr
 session, so that a change of machine load during the run does not enter the ratio): with caches a turn computes only
 its own tokens, and the history enters only through attention over a longer cache (plus one copy of the cache rows
 when the user turn forks the text-unconditional context). To check that, this measurement also clocks the time
-spent inside cached attention (mask over the cache + SDPA: the methods of the backbone's private
-``_CachedAttention`` and ``multi_cache._PerCacheAttention``, wrapped for this measurement only) and reports the growth of the rest. The table also splits
+spent inside cached attention (mask over the cache + SDPA: the methods of the backbone's attention strategies
+``mot_attention.CachedAttention`` and ``mot_attention.StackedCachedAttention``, wrapped for this measurement only)
+and reports the growth of the rest. The table also splits
 the cached turn into the user-turn prefill and the reply.
 
 ``--clock cpu`` times process CPU time instead of wall time: with one thread the two agree on an idle machine, and
@@ -68,7 +69,7 @@ from typing import Any
 
 import torch
 
-from chatumm_kit.components import mot
+from chatumm_kit.components import mot_attention
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import Role
 from chatumm_kit.data.shapes import (
@@ -80,7 +81,6 @@ from chatumm_kit.data.shapes import (
     sample_text_to_image,
     sample_vqa,
 )
-from chatumm_kit.inference import multi_cache
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.session import ChatSession, SessionConfig
 from chatumm_kit.model import ChatUMM
@@ -198,11 +198,11 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 @contextmanager
 def attention_meter(clock: Callable[[], float]) -> Iterator[list[float]]:
     """Accumulate, into the yielded ``[seconds]``, the time spent in cached attention: building each chunk's mask over
-    its cache and attending over it — ``mot._CachedAttention`` (prefill and decoded tokens) and
-    ``multi_cache._PerCacheAttention`` (an image's CFG contexts stacked into one forward), the only code whose work
+    its cache and attending over it — ``mot_attention.CachedAttention`` (prefill and decoded tokens) and
+    ``mot_attention.StackedCachedAttention`` (an image's CFG contexts stacked into one forward), the only code whose work
     grows with the history besides copying cache rows. Wraps the classes' methods for the duration of the block."""
     total = [0.0]
-    classes = (mot._CachedAttention, multi_cache._PerCacheAttention)
+    classes = (mot_attention.CachedAttention, mot_attention.StackedCachedAttention)
     originals = [(cls, cls.__init__, cls.__call__) for cls in classes]
 
     def timed(fn: Callable[..., Any]) -> Callable[..., Any]:

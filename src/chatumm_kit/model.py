@@ -10,6 +10,18 @@ One packed sequence goes in (:class:`~chatumm_kit.components.batch.PackedBatch`)
 Loss terms come back as *sums* with their token counts, so the training system can normalise by the global
 count across ranks (SPEC §4: every token weighs the same however the packing fell).
 
+:meth:`ChatUMM.forward` is training. Inference (``inference/``) uses a small public surface instead of reaching into
+the parts; every method runs the same code as training where training has it:
+
+* :meth:`ChatUMM.embed_stream` — embed a chunk of clean pieces (text, markers, ViT views, clean VAE views at
+  ``t = 0``), laid out by the packer's ``StreamBuilder``, into :class:`StreamInputs` (hidden states + routing);
+* :meth:`ChatUMM.embed_text` — token ids → embeddings (decoding);
+* :meth:`ChatUMM.embed_noised_views` — the noised VAE view of a generated image (``v_s`` + latents at ``t`` +
+  ``v_e``) as :class:`StreamInputs`, and :meth:`ChatUMM.view_velocities` — its velocity from the backbone output;
+* :meth:`ChatUMM.new_kv_cache`, :meth:`ChatUMM.chunk_mask`, :meth:`ChatUMM.forward_chunk` (one chunk appended to
+  one cache) and :meth:`ChatUMM.forward_chunks` (several, each on its own cache, in one forward);
+* :meth:`ChatUMM.logits` — hidden states → text logits; :meth:`ChatUMM.decode_latents` — latent tokens → pixels.
+
 Example:
     >>> model = chatumm_tiny(vocab_size=512)                # doctest: +SKIP
     >>> out = model(batch)                                  # doctest: +SKIP
@@ -18,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +39,16 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from chatumm_kit.components.batch import PackedBatch
+from chatumm_kit.components.kv_cache import CacheChunk, MoTKVCache
+from chatumm_kit.components.layers import grid_rc
 from chatumm_kit.components.masks import DocumentMask, MaskBuilder
 from chatumm_kit.components.mot import MoTBackbone
+from chatumm_kit.components.splits import SplitTable
 from chatumm_kit.components.vae import VAELatentHead
 from chatumm_kit.components.vit import ViTEncoder
 from chatumm_kit.flow import noise_latents, sample_train_timesteps, velocity_target
 
-__all__ = ["ChatUMM", "ChatUMMOutput", "FlowInputs"]
+__all__ = ["ChatUMM", "ChatUMMOutput", "FlowInputs", "NoisedView", "StreamInputs"]
 
 
 @dataclass
@@ -46,6 +62,38 @@ class FlowInputs:
 
     timesteps: torch.Tensor
     noise: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StreamInputs:
+    """Embedded tokens of a stream chunk and their expert routing: what the backbone takes.
+
+    Attributes:
+        hidden: ``[L, D]`` input embeddings.
+        is_gen: ``[L]`` bool, True for tokens of the generation expert (VAE latents), False for the understanding
+            expert (text, markers, ViT tokens).
+    """
+
+    hidden: torch.Tensor
+    is_gen: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+@dataclass(frozen=True)
+class NoisedView:
+    """The noised VAE view of an image being generated, at flow time ``t`` (SPEC §2, §4).
+
+    Attributes:
+        x_t: ``[N, p²C]`` patchified latents at time ``t`` (``N = grid[0]·grid[1]``, row-major).
+        t: the time in ``[0, 1]`` (1 = pure noise).
+        grid: ``(rows, cols)`` of the latent token grid.
+    """
+
+    x_t: torch.Tensor
+    t: float
+    grid: tuple[int, int]
 
 
 @dataclass
@@ -132,9 +180,20 @@ class ChatUMM(nn.Module):
         noise = torch.randn(n_tok, self.vae.token_dim, generator=generator, device="cpu").to(device)
         return FlowInputs(timesteps=t, noise=noise)
 
-    def embed(self, batch: PackedBatch, flow: FlowInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[L, D]`` input embeddings; also returns the clean latents and targets of noised tokens."""
+    def embed(
+        self, batch: PackedBatch, flow: FlowInputs | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[L, D]`` input embeddings; also returns the clean latents and targets of noised tokens.
+
+        ``flow`` is the noise draw of the batch's noised views; ``None`` for a batch without any (a context chunk
+        at inference): every VAE view is then embedded clean, at ``t = 0``.
+        """
         device = batch.input_ids.device
+        if flow is None:
+            if batch.num_noised_views:
+                raise ValueError(f"ChatUMM.embed: the batch has {batch.num_noised_views} noised views; pass their flow")
+            empty = torch.zeros(0, device=device)
+            flow = FlowInputs(timesteps=empty, noise=torch.zeros(0, self.vae.token_dim, device=device))
         table = self.backbone.embed_tokens
         hidden = torch.zeros(batch.seq_len, self.hidden_size, device=device, dtype=table.weight.dtype)
         hidden = hidden.index_copy(0, batch.text_indices, table(batch.input_ids[batch.text_indices]))
@@ -180,7 +239,7 @@ class ChatUMM(nn.Module):
             gen_indices=batch.gen_indices,
             attn_mask=self.attention_mask(batch),
         )
-        logits = self.backbone.lm_head(out[batch.ce_indices])
+        logits = self.logits(out[batch.ce_indices])
         ce_sum = F.cross_entropy(logits.float(), batch.ce_labels, reduction="sum")
         velocity = self.vae.velocity(out[batch.mse_indices])
         mse_sum = (velocity.float() - target.float()).pow(2).mean(dim=-1).sum()
@@ -194,3 +253,117 @@ class ChatUMM(nn.Module):
             mse_count=int(batch.mse_indices.numel()),
             flow=flow,
         )
+
+    # ------------------------------------------------------------------ inference surface
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (inputs of the inference methods are moved here)."""
+        return self.backbone.lm_head.weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token table (a tokenizer may use fewer)."""
+        return self.backbone.config.vocab_size
+
+    @property
+    def vit_patch_size(self) -> int:
+        """Pixels per ViT token side (the stream's ViT views must use it)."""
+        return self.vit.patch_size
+
+    @property
+    def vae_token_stride(self) -> int:
+        """Pixels per VAE token side: the autoencoder's downsample × the latent patch (the stream's VAE views)."""
+        return self.vae.downsample * self.vae.latent_patch
+
+    @property
+    def latent_token_dim(self) -> int:
+        """Channels ``p²C`` of one patchified latent token (the width of a noised view's ``x_t``)."""
+        return self.vae.token_dim
+
+    def new_kv_cache(self) -> MoTKVCache:
+        """An empty KV cache for this model's backbone (layers, heads, dtype, device)."""
+        return self.backbone.new_kv_cache()
+
+    def embed_stream(self, batch: PackedBatch) -> StreamInputs:
+        """Embed a chunk of clean pieces (no noised view), exactly as a packed training sequence embeds them.
+
+        ``batch`` is laid out by the packer's ``StreamBuilder`` (``StreamBuilder.add_pieces``): text and markers go
+        through the token table, ViT views through the ViT encoder, clean VAE views through the VAE head at
+        ``t = 0``. Returns ``[L, D]`` hidden states with their routing (VAE latent tokens to the generation expert).
+        """
+        hidden, _, _ = self.embed(batch)
+        is_gen = torch.zeros(batch.seq_len, dtype=torch.bool, device=hidden.device)
+        is_gen[batch.gen_indices] = True
+        return StreamInputs(hidden=hidden, is_gen=is_gen)
+
+    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[n]`` token ids (text or markers) -> ``[n, D]`` embeddings."""
+        return self.backbone.embed_tokens(token_ids.to(self.device))
+
+    def embed_noised_views(self, views: Sequence[NoisedView], *, vision_ids: tuple[int, int]) -> list[StreamInputs]:
+        """Each noised view as the stream lays it out (SPEC §2): ``v_s``, its ``N`` latent tokens at time ``t``,
+        ``v_e`` (``vision_ids = (v_s, v_e)``); markers to the understanding expert, latents to the generation one.
+
+        The latents of all views are embedded in one call (``vae2llm(x_t) + time_embed(t) + 2-D position``).
+        Returns one :class:`StreamInputs` of ``N_i + 2`` tokens per view.
+        """
+        dev = self.device
+        x = torch.cat([v.x_t.to(dev) for v in views])
+        t = torch.cat([torch.full((v.x_t.shape[0],), float(v.t), device=dev) for v in views])
+        rc = torch.cat([grid_rc(*v.grid).to(dev) for v in views])
+        for i, v in enumerate(views):
+            if v.x_t.shape[0] != v.grid[0] * v.grid[1]:
+                raise ValueError(
+                    f"ChatUMM.embed_noised_views: view {i} has {v.x_t.shape[0]} latent tokens, its "
+                    f"{v.grid[0]}x{v.grid[1]} grid needs {v.grid[0] * v.grid[1]}"
+                )
+        latents = self.vae.embed(x, t, rc).split([v.x_t.shape[0] for v in views])
+        v_s, v_e = self.embed_text(torch.tensor(vision_ids))
+        out = []
+        for lat in latents:
+            hidden = torch.cat([v_s[None], lat.to(v_s.dtype), v_e[None]])
+            is_gen = torch.ones(hidden.shape[0], dtype=torch.bool, device=dev)
+            is_gen[0] = is_gen[-1] = False
+            out.append(StreamInputs(hidden=hidden, is_gen=is_gen))
+        return out
+
+    def view_velocities(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Backbone outputs of noised views (``[N_i + 2, D]`` each, as :meth:`embed_noised_views` laid them out)
+        -> their velocities ``[N_i, p²C]`` float32 (``llm2vae`` on the latent tokens, one call for all views)."""
+        velocity = self.vae.velocity(torch.cat([o[1:-1] for o in outputs])).float()
+        return list(velocity.split([o.shape[0] - 2 for o in outputs]))
+
+    def chunk_mask(self, splits: SplitTable) -> torch.Tensor:
+        """``[L, L]`` bool GCA mask inside a chunk (SPEC §3), on :attr:`device`; the chunk also sees its whole cache."""
+        return self.mask_builder.dense(splits).to(self.device)
+
+    def forward_chunk(self, chunk: CacheChunk) -> torch.Tensor:
+        """Append ``chunk`` to its cache (committed if ``chunk.commit``); returns its ``[L, D]`` final-normed output.
+
+        Inference only (under ``torch.no_grad()``).
+        """
+        dev = self.device
+        is_gen = chunk.is_gen.to(dev)
+        return self.backbone(
+            chunk.hidden.to(dev),
+            position_ids=chunk.position_ids.to(dev),
+            und_indices=(~is_gen).nonzero().flatten(),
+            gen_indices=is_gen.nonzero().flatten(),
+            attn_mask=chunk.mask.to(dev),
+            kv_cache=chunk.cache,
+            commit=chunk.commit,
+        )
+
+    def forward_chunks(self, chunks: Sequence[CacheChunk]) -> list[torch.Tensor]:
+        """Several chunks, each appended to its own cache, in one forward (``MoTBackbone.forward_chunks``): the same
+        outputs as :meth:`forward_chunk` on each alone, up to float rounding."""
+        return self.backbone.forward_chunks(chunks)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[..., D]`` -> text logits ``[..., V]`` (``lm_head``, the model's dtype)."""
+        return self.backbone.lm_head(hidden)
+
+    def decode_latents(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patchified latent tokens ``[N, p²C]`` of a ``grid`` -> pixels ``[3, H, W]`` (about ``[-1, 1]``)."""
+        latent = self.vae.unpatchify(tokens, grid)
+        return self.vae.decode([latent])[0]

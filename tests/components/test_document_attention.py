@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatumm_kit.components import mot
+from chatumm_kit.components import mot_attention
 from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.masks import DocumentMask, MaskBuilder, reference_mask
 from chatumm_kit.components.mot import MoTBackbone, MoTConfig
@@ -232,14 +232,14 @@ def test_chatumm_packed_batch_never_builds_a_full_mask(tokenizer, packs, monkeyp
         raise AssertionError("MaskBuilder.dense was called on the per-document path")
 
     mask_shapes: list[tuple[int, ...]] = []
-    sdpa = mot._sdpa
+    sdpa = mot_attention.sdpa
 
     def spy(q, k, v, mask):
         mask_shapes.append(tuple(mask.shape))
         return sdpa(q, k, v, mask)
 
     monkeypatch.setattr(MaskBuilder, "dense", no_dense)
-    monkeypatch.setattr(mot, "_sdpa", spy)
+    monkeypatch.setattr(mot_attention, "sdpa", spy)
     out = model(batch, flow=_flow(model, batch))
     (out.ce_sum + out.mse_sum).backward()
     lengths = model.attention_mask(batch).lengths

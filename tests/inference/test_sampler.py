@@ -8,15 +8,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from chatumm_kit.inference.decoding import choose_token
-from chatumm_kit.inference.sampler import (
-    SamplerConfig,
-    cfg_combine,
-    euler_sample,
-    guided_velocity,
-    in_cfg_interval,
-    renorm_velocity,
-    timestep_grid,
-)
+from chatumm_kit.inference.guidance import cfg_combine, guided_velocity, in_cfg_interval, renorm_velocity
+from chatumm_kit.inference.sampler import SamplerConfig, euler_sample, timestep_grid
 
 
 @pytest.mark.parametrize("num_steps,shift", [(5, 3.0), (7, 1.0), (3, 2.5)])

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import chatumm_kit.inference.batch as batch_module
-import chatumm_kit.inference.steps as steps_module
+from chatumm_kit.components.kv_cache import CacheChunk
+from chatumm_kit.components.mot import MoTBackbone
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.inference.batch import respond_batch, run_together
-from chatumm_kit.inference.multi_cache import CacheChunk, forward_cache_chunks
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.session import ChatSession, SessionConfig
 from chatumm_kit.inference.steps import TokenStep
@@ -137,17 +137,17 @@ def count_velocity_rows(model):
 @contextmanager
 def count_forwards():
     calls = []
-    inner = steps_module.forward_cache_chunks  # run_together's stacked forward
+    inner = MoTBackbone.forward_chunks  # run_together's stacked forward
 
     def counting(backbone, chunks):
         calls.append(len(chunks))
         return inner(backbone, chunks)
 
-    steps_module.forward_cache_chunks = counting
+    MoTBackbone.forward_chunks = counting
     try:
         yield calls
     finally:
-        steps_module.forward_cache_chunks = inner
+        MoTBackbone.forward_chunks = inner
 
 
 # ---------------------------------------------------------------------------------------------- equality
@@ -260,7 +260,7 @@ def test_stacked_forward_equals_each_chunk_alone(model, tok):
         pos = torch.arange(n) + s.position
         chunks.append(CacheChunk(cache=cache, hidden=hidden, position_ids=pos, is_gen=is_gen, mask=mask, commit=i != 2))
     with torch.no_grad():
-        outs = forward_cache_chunks(backbone, chunks)
+        outs = backbone.forward_chunks(chunks)
         for s, c, out in zip(sessions, chunks, outs):
             ref = backbone(
                 c.hidden,
@@ -275,9 +275,9 @@ def test_stacked_forward_equals_each_chunk_alone(model, tok):
     for s, cache in zip(sessions, clones):
         assert_same_cache(cache, s.contexts.full.cache, EXACT)  # committed (or not) alike
     with pytest.raises(ValueError, match="a cache appears in two chunks"), torch.no_grad():
-        forward_cache_chunks(backbone, [chunks[0], chunks[0]])
+        backbone.forward_chunks([chunks[0], chunks[0]])
     with pytest.raises(RuntimeError, match="inference-only"):
-        forward_cache_chunks(backbone, chunks[:1])
+        backbone.forward_chunks(chunks[:1])
 
 
 def test_run_together_answers_token_steps_like_the_runner(model, tok):

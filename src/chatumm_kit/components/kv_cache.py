@@ -12,6 +12,10 @@ space that the next chunk overwrites (SPEC §3 rule 3: nothing later sees a nois
 
 The cache is inference-only: it holds detached tensors and is filled under ``torch.no_grad()``.
 
+A :class:`CacheChunk` is what one forward appends to one cache: the chunk's embedded tokens, their positions and
+expert routing, the mask inside the chunk, and whether to commit it. ``MoTBackbone.forward_chunks`` appends several
+chunks, each to its own cache, in one pass through the layers.
+
 Example:
     >>> cache = MoTKVCache(num_layers=2, num_kv_heads=1, head_dim=4)
     >>> cache.reserve(3); cache.write(0, 0, torch.ones(3, 1, 4), torch.ones(3, 1, 4)); cache.advance(3)
@@ -23,9 +27,11 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["MoTKVCache"]
+__all__ = ["CacheChunk", "MoTKVCache"]
 
 
 class MoTKVCache:
@@ -139,3 +145,46 @@ class MoTKVCache:
             f"MoTKVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"num_tokens={self._num_tokens}, capacity={self.capacity}, dtype={self.dtype})"
         )
+
+
+@dataclass(frozen=True)
+class CacheChunk:
+    """New tokens to append to one cache (one forward: ``MoTBackbone.forward_chunks``, ``ChatUMM.forward_chunk``).
+
+    Attributes:
+        cache: the stream so far; the chunk's queries see all of its committed rows.
+        hidden: ``[L, D]`` embedded tokens.
+        position_ids: ``[L]`` 1-D RoPE positions.
+        is_gen: ``[L]`` bool, True for tokens of the generation expert (VAE latents); the others go to the
+            understanding expert.
+        mask: ``[L, L]`` bool, the mask inside the chunk (True = may attend).
+        commit: keep the chunk's keys/values in ``cache`` (False: a noised view nothing later may see).
+
+    Example:
+        >>> cache = MoTKVCache(num_layers=1, num_kv_heads=1, head_dim=4)
+        >>> chunk = CacheChunk(cache=cache, hidden=torch.zeros(3, 8), position_ids=torch.arange(3),
+        ...                    is_gen=torch.zeros(3, dtype=torch.bool), mask=torch.ones(3, 3, dtype=torch.bool).tril(),
+        ...                    commit=True)
+        >>> len(chunk), chunk.und_indices.tolist(), chunk.gen_indices.tolist()
+        (3, [0, 1, 2], [])
+    """
+
+    cache: MoTKVCache
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    is_gen: torch.Tensor
+    mask: torch.Tensor
+    commit: bool
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def und_indices(self) -> torch.Tensor:
+        """``[N_und]`` positions of the chunk routed to the understanding expert, ascending."""
+        return (~self.is_gen).nonzero().flatten()
+
+    @property
+    def gen_indices(self) -> torch.Tensor:
+        """``[N_gen]`` positions of the chunk routed to the generation expert, ascending."""
+        return self.is_gen.nonzero().flatten()

@@ -7,7 +7,8 @@ Plain ``nn.Module``s and functions; every formula is re-derived here from its de
   paired with channel ``i + head_dim/2``), the convention of Qwen2.
 * :class:`SwiGLU` — ``down(silu(gate(x)) * up(x))``, no biases.
 * :class:`TimestepEmbedder` — sinusoid of ``t ∈ [0, 1]`` (not ×1000), then Linear–SiLU–Linear.
-* :func:`sincos_2d_table` / :class:`PositionTable2D` — fixed 2-D sin-cos tables indexed by ``row * max_side + col``.
+* :func:`sincos_2d_table` / :class:`PositionTable2D` — fixed 2-D sin-cos tables indexed by ``row * max_side + col``;
+  :func:`grid_rc` — the ``(row, col)`` of every token of an image view's grid, row-major.
 * :class:`MLPConnector` — Linear, gelu-tanh, Linear (ViT width → LLM width).
 
 Example:
@@ -34,6 +35,7 @@ __all__ = [
     "SwiGLU",
     "TimestepEmbedder",
     "apply_rotary",
+    "grid_rc",
     "sincos_1d",
     "sincos_2d_table",
 ]
@@ -202,6 +204,18 @@ def sincos_2d_table(*, dim: int, max_side: int) -> torch.Tensor:
     rows = side.repeat_interleave(max_side)  # flat index i -> row i // max_side
     cols = side.repeat(max_side)  # flat index i -> col i % max_side
     return torch.cat([sincos_1d(cols, dim=dim // 2), sincos_1d(rows, dim=dim // 2)], dim=-1)
+
+
+def grid_rc(rows: int, cols: int) -> torch.Tensor:
+    """``[rows*cols, 2]`` (row, col) of a grid in row-major order (the token order of an image view).
+
+    Example:
+        >>> grid_rc(2, 2).tolist()
+        [[0, 0], [0, 1], [1, 0], [1, 1]]
+    """
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    return torch.stack([r, c], dim=1)
 
 
 class PositionTable2D(nn.Module):

@@ -14,7 +14,13 @@ order, gathers q/k/v into sequence order and the output back (two gathers per la
 given as a :class:`~chatumm_kit.components.masks.DocumentMask` (what ``ChatUMM`` passes with ``"sdpa"``) attend
 document by document, gathered the same way, so the masked-out cross-document pairs (SPEC §3 rule 1) cost nothing.
 The final norms (``norm`` for und tokens, ``norm_moe_gen`` for gen tokens) are applied per block and the result is
-scattered back once.
+scattered back once. The attention strategies live in ``components/mot_attention.py``.
+
+**One routing loop for every caller.** :meth:`MoTBackbone.forward` (a packed training sequence, or one chunk appended
+to a :class:`MoTKVCache`) and :meth:`MoTBackbone.forward_chunks` (several chunks, each appended to its own cache, in
+one pass: what batched chat sessions and an Euler step's stacked CFG contexts run) differ only in the attention
+strategy they build; both then run the same ``_route`` — gather into the expert blocks, RoPE, the layers, the final
+norms, scatter back.
 
 Parameter names mirror the BAGEL layout of SPEC §5 without the ``language_model.model.`` prefix (``lm_head`` without
 ``language_model.``), so checkpoint conversion is a prefix map.
@@ -32,9 +38,7 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -42,15 +46,24 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
 
-from chatumm_kit.components.kv_cache import MoTKVCache
+from chatumm_kit.components.kv_cache import CacheChunk, MoTKVCache
 from chatumm_kit.components.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 from chatumm_kit.components.masks import DocumentMask
+from chatumm_kit.components.mot_attention import (
+    CachedAttention,
+    DenseAttention,
+    DocumentAttention,
+    FlexAttention,
+    StackedCachedAttention,
+    dense_from_block_mask,
+)
 
 __all__ = [
     "GEN_SUFFIX",
+    "CacheChunk",
     "MoTAttention",
     "MoTBackbone",
     "MoTConfig",
@@ -58,6 +71,10 @@ __all__ = [
     "MoTKVCache",
     "dense_from_block_mask",
 ]
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""An attention strategy (``components/mot_attention.py``): ``(layer, q [L,H,hd], k, v [L,Hkv,hd]) -> [L, H*hd]``,
+tokens in expert-major order."""
 
 GEN_SUFFIX = "_moe_gen"
 """Suffix of a generation-expert module name; its understanding twin has the same name without it."""
@@ -106,112 +123,6 @@ class MoTConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoTConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Attention over expert-major q/k/v. Each strategy maps (layer, q [Lq,H,hd], k/v [Lq,Hkv,hd]) -> [Lq, H*hd].
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``q [Lq,H,hd]``, ``k/v [Hkv,Lk,hd]``, ``mask [Lq,Lk]`` bool -> ``[Lq, H*hd]`` (GQA via ``enable_gqa``)."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(q.shape[0], -1)
-
-
-def dense_from_block_mask(block_mask: BlockMask) -> torch.Tensor:
-    """``[Q_LEN, KV_LEN]`` bool equivalent of a (batch- and head-independent) ``BlockMask``.
-
-    A pair may attend iff its block is present (partial or full) and ``mask_mod`` allows it; a correct
-    ``BlockMask`` has ``mask_mod`` true throughout its full blocks, so this is exact.
-    """
-    q_len, kv_len = block_mask.seq_lengths
-    device = block_mask.kv_num_blocks.device
-    by_pair = create_mask(block_mask.mask_mod, None, None, q_len, kv_len, device=device)[0, 0]
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    blocks = block_mask.to_dense()[0, 0].bool()
-    blocks = blocks.repeat_interleave(q_block, 0).repeat_interleave(kv_block, 1)[:q_len, :kv_len]
-    return by_pair & blocks
-
-
-@functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
-
-
-class _DenseAttention:
-    """SDPA with the dense mask permuted once per forward into expert-major order (no per-layer gathers)."""
-
-    def __init__(self, mask_em: torch.Tensor) -> None:
-        self.mask_em = mask_em
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _sdpa(q, k.transpose(0, 1), v.transpose(0, 1), self.mask_em)
-
-
-class _FlexAttention:
-    """flex_attention with a sequence-order ``BlockMask``: gather q/k/v to sequence order, attend, gather back."""
-
-    def __init__(self, block_mask: BlockMask, perm: torch.Tensor, inv: torch.Tensor) -> None:
-        self.block_mask, self.perm, self.inv = block_mask, perm, inv
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        def to_seq(x: torch.Tensor) -> torch.Tensor:  # [L, h, hd] expert-major -> [1, h, L, hd] sequence order
-            return x.index_select(0, self.inv).transpose(0, 1)[None]
-
-        if q.is_cuda:
-            fn = _compiled_flex()
-        else:  # CPU: eager flex (unfused, materialises scores); compiling costs ~15 s per shape on CPU
-            fn = flex_attention
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            out = fn(to_seq(q), to_seq(k), to_seq(v), block_mask=self.block_mask, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(q.shape[0], -1).index_select(0, self.perm)
-
-
-class _DocumentAttention:
-    """SDPA one document at a time, each with its own diagonal block of the mask (SPEC §3 rule 1).
-
-    Documents are contiguous in sequence order, so one gather of q/k/v from expert-major into sequence order
-    (``inv``) makes document ``d`` the contiguous rows ``[s_d, s_d + lengths[d])``: its per-document index sets are
-    slices of that gather, fixed once per forward by ``inv`` and ``lengths``. The outputs are concatenated (sequence
-    order) and gathered back to expert-major (``perm``). Equal to :class:`_DenseAttention` with the full mask: the
-    pairs it skips are exactly the cross-document ones, all masked there.
-    """
-
-    def __init__(self, doc_mask: DocumentMask, perm: torch.Tensor, inv: torch.Tensor) -> None:
-        self.lengths, self.blocks = list(doc_mask.lengths), doc_mask.blocks
-        self.perm, self.inv = perm, inv
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q [L,H,hd], k/v [L,Hkv,hd] expert-major -> per document [n_d, H or Hkv, hd], sequence order
-        qs, ks, vs = (x.index_select(0, self.inv).split(self.lengths) for x in (q, k, v))
-        outs = [
-            _sdpa(q_d, k_d.transpose(0, 1), v_d.transpose(0, 1), block)  # [n_d, H*hd]
-            for q_d, k_d, v_d, block in zip(qs, ks, vs, self.blocks, strict=True)
-        ]
-        return torch.cat(outs).index_select(0, self.perm)
-
-
-class _CachedAttention:
-    """Incremental attention: the chunk sees every cached key plus its own ``[L_new, L_new]`` mask (SDPA only).
-
-    The chunk's keys/values are written in sequence order into the cache rows just past ``num_tokens`` and the
-    queries attend over ``[0, num_tokens + L_new)``; ``MoTBackbone`` commits the rows afterwards only if asked.
-    """
-
-    def __init__(self, cache: MoTKVCache, chunk_mask: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> None:
-        self.cache, self.inv = cache, inv
-        self.start = cache.num_tokens
-        self.end = self.start + perm.numel()
-        rows = chunk_mask.index_select(0, perm)  # queries expert-major, keys in sequence order
-        past = torch.ones(rows.shape[0], self.start, dtype=torch.bool, device=rows.device)
-        self.mask = torch.cat([past, rows], dim=1)
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.cache.write(layer, self.start, k.index_select(0, self.inv), v.index_select(0, self.inv))
-        keys, values = self.cache.span(layer, self.end)
-        return _sdpa(q, keys, values, self.mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,7 +373,7 @@ class MoTBackbone(L.LightningModule):
         position_ids: torch.Tensor,
         und_indices: torch.Tensor,
         gen_indices: torch.Tensor,
-        attn_mask: torch.Tensor | BlockMask,
+        attn_mask: torch.Tensor | BlockMask | DocumentMask,
         kv_cache: MoTKVCache | None = None,
         commit: bool | None = None,
     ) -> torch.Tensor:
@@ -499,11 +410,85 @@ class MoTBackbone(L.LightningModule):
             raise ValueError(f"MoTBackbone.forward: und_indices ({n_und}) + gen_indices ({n_gen}) != L ({seq_len})")
 
         perm = torch.cat([und_indices, gen_indices]).to(device=hidden.device, dtype=torch.long)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(seq_len, device=perm.device)
+        inv = _inverse(perm)
         attend = self._attention(attn_mask, perm=perm, inv=inv, kv_cache=kv_cache, commit=commit, seq_len=seq_len)
-        cos, sin = self.rotary(position_ids.to(hidden.device).index_select(0, perm))
+        out = self._route(hidden, position_ids.to(hidden.device), perm=perm, inv=inv, n_und=n_und, attend=attend)
+        if kv_cache is not None and commit:
+            kv_cache.advance(seq_len)
+        return out
 
+    def forward_chunks(self, chunks: Sequence[CacheChunk]) -> list[torch.Tensor]:
+        """Append ``chunks`` (each to its own cache) in **one** pass through the layers; returns each chunk's
+        ``[L_i, D]`` final-normed output, in order.
+
+        The chunks' tokens are stacked into one sequence and routed to the experts together (every norm, projection
+        and MLP runs once for all of them); only attention is split (:class:`~.mot_attention.StackedCachedAttention`):
+        each chunk's queries see its own cache plus its own new keys under its own ``[L_i, L_i]`` mask. Equal to
+        :meth:`forward` on each chunk alone up to float rounding (matrix products over more rows may sum in another
+        order: about 1e-7 relative in float32). Inference only (under ``torch.no_grad()``); a chunk with
+        ``commit=True`` advances its cache by ``L_i``.
+
+        Raises:
+            ValueError: no chunks, an empty chunk, mismatched shapes, or one cache given twice.
+
+        Example:
+            >>> chunk = CacheChunk(cache=mot.new_kv_cache(), hidden=torch.randn(3, 32),          # doctest: +SKIP
+            ...                    position_ids=torch.arange(3), is_gen=torch.zeros(3, dtype=torch.bool),
+            ...                    mask=torch.ones(3, 3, dtype=torch.bool).tril(), commit=True)
+            >>> [out] = mot.forward_chunks([chunk]); out.shape                                    # doctest: +SKIP
+            torch.Size([3, 32])
+        """
+        if not chunks:
+            raise ValueError("MoTBackbone.forward_chunks: no chunks")
+        if torch.is_grad_enabled():
+            raise RuntimeError("MoTBackbone.forward_chunks is inference-only: run it under torch.no_grad()")
+        if len({id(c.cache) for c in chunks}) != len(chunks):
+            raise ValueError(
+                "MoTBackbone.forward_chunks: a cache appears in two chunks (each chunk needs its own cache)"
+            )
+        width = self.config.hidden_size
+        for i, c in enumerate(chunks):
+            n = len(c)
+            if n == 0 or c.hidden.shape != (n, width):
+                raise ValueError(
+                    f"MoTBackbone.forward_chunks: chunk {i} hidden must be [L>0, {width}], got {tuple(c.hidden.shape)}"
+                )
+            if c.position_ids.shape != (n,) or c.is_gen.shape != (n,) or c.mask.shape != (n, n):
+                raise ValueError(
+                    f"MoTBackbone.forward_chunks: chunk {i} of {n} tokens has position_ids "
+                    f"{tuple(c.position_ids.shape)}, is_gen {tuple(c.is_gen.shape)}, mask {tuple(c.mask.shape)}"
+                )
+        device = self.lm_head.weight.device
+        hidden = torch.cat([c.hidden for c in chunks]).to(device)
+        is_gen = torch.cat([c.is_gen for c in chunks]).to(device)
+        positions = torch.cat([c.position_ids for c in chunks]).to(device)
+        perm = torch.cat([(~is_gen).nonzero().flatten(), is_gen.nonzero().flatten()])
+        inv = _inverse(perm)
+        attend = StackedCachedAttention(chunks, perm, inv)
+        out = self._route(hidden, positions, perm=perm, inv=inv, n_und=int((~is_gen).sum()), attend=attend)
+        for chunk in chunks:
+            if chunk.commit:
+                chunk.cache.advance(len(chunk))
+        return list(out.split(attend.lengths))
+
+    def _route(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        perm: torch.Tensor,
+        inv: torch.Tensor,
+        n_und: int,
+        attend: Attend,
+    ) -> torch.Tensor:
+        """The routing loop: ``hidden [L, D]`` (sequence order) -> final-normed ``[L, D]`` (sequence order).
+
+        ``perm`` (expert-major position -> sequence position; its first ``n_und`` entries the und tokens) and its
+        inverse ``inv`` are computed once per forward: the stream is gathered once into the und and gen blocks, the
+        RoPE tables are built in that order, every layer runs both experts on their blocks with ``attend``, the
+        final norms run per block and the result is scattered back once.
+        """
+        cos, sin = self.rotary(position_ids.index_select(0, perm))
         x_und, x_gen = hidden.index_select(0, perm[:n_und]), hidden.index_select(0, perm[n_und:])
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -511,13 +496,11 @@ class MoTBackbone(L.LightningModule):
                 x_und, x_gen = checkpoint(layer, x_und, x_gen, cos=cos, sin=sin, attend=attend, use_reentrant=False)
             else:
                 x_und, x_gen = layer(x_und, x_gen, cos=cos, sin=sin, attend=attend)
-        if kv_cache is not None and commit:
-            kv_cache.advance(seq_len)
         # skip an empty block so an unused expert's final norm gets no (zero) gradient either
-        normed = ([self.norm(x_und)] if n_und else []) + ([self.norm_moe_gen(x_gen)] if n_gen else [])
+        normed = ([self.norm(x_und)] if n_und else []) + ([self.norm_moe_gen(x_gen)] if x_gen.shape[0] else [])
         return (torch.cat(normed) if len(normed) > 1 else normed[0]).index_select(0, inv)
 
-    def _attention(self, attn_mask, *, perm, inv, kv_cache, commit, seq_len):
+    def _attention(self, attn_mask, *, perm, inv, kv_cache, commit, seq_len) -> Attend:
         """Pick and prepare the attention strategy for this forward; validates mask type against the backend."""
         if kv_cache is not None:
             if commit is None:
@@ -531,7 +514,7 @@ class MoTBackbone(L.LightningModule):
                 )
             self._check_bool(attn_mask)
             kv_cache.reserve(kv_cache.num_tokens + seq_len)
-            return _CachedAttention(kv_cache, attn_mask.to(perm.device), perm, inv)
+            return CachedAttention(kv_cache, attn_mask.to(perm.device), perm, inv)
         if commit is not None:
             raise ValueError("MoTBackbone.forward: commit only applies together with kv_cache")
         backend = self.config.attn_backend
@@ -546,8 +529,8 @@ class MoTBackbone(L.LightningModule):
                 )
             if perm.device.type == "cpu" and torch.is_grad_enabled():  # no flex backward on CPU (see MoTConfig)
                 attn_mask = dense_from_block_mask(attn_mask)
-                return _DenseAttention(attn_mask.index_select(0, perm).index_select(1, perm))
-            return _FlexAttention(attn_mask, perm, inv)
+                return DenseAttention(attn_mask.index_select(0, perm).index_select(1, perm))
+            return FlexAttention(attn_mask, perm, inv)
         if backend != "sdpa":
             raise ValueError(f"MoTBackbone(attn_backend={backend!r}) needs a BlockMask, got {type(attn_mask).__name__}")
         if isinstance(attn_mask, DocumentMask):
@@ -557,14 +540,14 @@ class MoTBackbone(L.LightningModule):
                 )
             attn_mask = attn_mask.to(perm.device)
             if len(attn_mask.lengths) > 1:
-                return _DocumentAttention(attn_mask, perm, inv)
+                return DocumentAttention(attn_mask, perm, inv)
             attn_mask = attn_mask.blocks[0]  # one document: its block is the whole mask
         if attn_mask.shape != (seq_len, seq_len):
             raise ValueError(
                 f"MoTBackbone.forward: attn_mask must be [{seq_len}, {seq_len}], got {tuple(attn_mask.shape)}"
             )
         self._check_bool(attn_mask)
-        return _DenseAttention(attn_mask.to(perm.device).index_select(0, perm).index_select(1, perm))
+        return DenseAttention(attn_mask.to(perm.device).index_select(0, perm).index_select(1, perm))
 
     @staticmethod
     def _check_bool(mask: torch.Tensor) -> None:
@@ -622,3 +605,10 @@ class MoTBackbone(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i``: sequence position -> expert-major position."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv

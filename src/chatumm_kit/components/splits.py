@@ -33,13 +33,32 @@ class AttnMode(IntEnum):
 
 
 class Modality(IntEnum):
-    """What a split holds; decides the embedding path and the expert (SPEC §4)."""
+    """What a split holds; decides the embedding path, the expert (SPEC §4) and the attention mode (SPEC §3).
+
+    Example:
+        >>> Modality.VAE_NOISED.attn_mode, Modality.VIT.attn_mode
+        (<AttnMode.NOISE: 2>, <AttnMode.FULL: 1>)
+    """
 
     TEXT = 0
     VIT = 1
     VAE_CLEAN = 2
     VAE_NOISED = 3
     PAD = 4
+
+    @property
+    def attn_mode(self) -> AttnMode:
+        """The attention mode of a split of this modality (the one mode table; SPEC §3)."""
+        return _ATTN_MODE[self]
+
+
+_ATTN_MODE = {
+    Modality.TEXT: AttnMode.CAUSAL,  # text: causal
+    Modality.VIT: AttnMode.FULL,  # ViT view: bidirectional
+    Modality.VAE_CLEAN: AttnMode.FULL,  # clean VAE view: bidirectional
+    Modality.VAE_NOISED: AttnMode.NOISE,  # noised VAE view: bidirectional, invisible to every other split
+    Modality.PAD: AttnMode.CAUSAL,  # padding: a document of its own, causal
+}
 
 
 @dataclass  # not frozen: Lightning's precision plugins rebuild dataclass batches field by field

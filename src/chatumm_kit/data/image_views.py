@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from chatumm_kit.components.layers import grid_rc  # the token grid of a view (re-exported for the data tier)
+
 __all__ = ["fit_size", "resize_image", "vit_patches", "vae_pixels", "grid_rc"]
 
 
@@ -71,10 +73,3 @@ def vit_patches(pixels: torch.Tensor, *, patch: int, mean: Sequence[float], std:
 def vae_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """``[3, h, w]`` in ``[0, 255]`` → the same in ``[-1, 1]`` (the VAE's input range)."""
     return pixels / 127.5 - 1.0
-
-
-def grid_rc(rows: int, cols: int) -> torch.Tensor:
-    """``[rows*cols, 2]`` (row, col) of a grid in row-major order."""
-    r = torch.arange(rows).repeat_interleave(cols)
-    c = torch.arange(cols).repeat(rows)
-    return torch.stack([r, c], dim=1)

@@ -5,6 +5,11 @@ The :class:`~chatumm_kit.data.packing.Packer` turns a sample into a :class:`Docu
 :class:`StreamBuilder`, which assigns positions, computes labels (:func:`document_labels`), builds the image views
 and finally the :class:`~chatumm_kit.components.batch.PackedBatch`. The rules are stated in ``data/packing.py``.
 
+The RoPE position rule (SPEC §3 with the packer's CFG-dropout rule) is written once, here, and used by the packer and
+by the chat contexts alike (``inference/context.py``): :meth:`StreamPiece.position_ids` (text: one position per
+token; an image view: one shared position) and :meth:`StreamPiece.advance` (kept text: its length; dropped text: 0;
+a clean view, kept or dropped: 1; a noised view: 0).
+
 Example:
     >>> piece = StreamPiece(Modality.VIT, turn=0, segment=1, image="a", grid=(2, 3))
     >>> piece.num_tokens
@@ -13,26 +18,19 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from chatumm_kit.components.batch import PackedBatch
-from chatumm_kit.components.splits import AttnMode, Modality, SplitTable
+from chatumm_kit.components.splits import Modality, SplitTable
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import Role
 from chatumm_kit.data.image_views import grid_rc, resize_image, vae_pixels, vit_patches
 
-__all__ = ["DocumentPlan", "StreamBuilder", "StreamPiece", "TurnPlan", "document_labels"]
+__all__ = ["DocumentPlan", "StreamBuilder", "StreamPiece", "TurnPlan", "document_labels", "position_advance"]
 
-_MODE = {
-    Modality.TEXT: AttnMode.CAUSAL,
-    Modality.VIT: AttnMode.FULL,
-    Modality.VAE_CLEAN: AttnMode.FULL,
-    Modality.VAE_NOISED: AttnMode.NOISE,
-    Modality.PAD: AttnMode.CAUSAL,
-}
 # Token kinds while building: which embedding path a position takes (SPEC §4 routing follows from it).
 _K_TEXT, _K_VIT, _K_VAE = 0, 1, 2
 
@@ -64,6 +62,33 @@ class StreamPiece:
         """Tokens including the two markers."""
         inner = len(self.content) if self.modality is Modality.TEXT else self.grid[0] * self.grid[1]
         return inner + 2
+
+    def position_ids(self, start: int) -> list[int]:
+        """RoPE positions of the piece's tokens when it begins at ``start`` (SPEC §3): text advances by one per
+        token; every token of an image view (markers included) shares ``start``."""
+        if self.modality is Modality.TEXT:
+            return list(range(start, start + self.num_tokens))
+        return [start] * self.num_tokens
+
+    def advance(self, kept: bool) -> int:
+        """How far the piece moves the position (SPEC §3 with the CFG-dropout rule): kept text by its length,
+        dropped text by 0; a clean view (VAE or ViT) by 1 whether kept or dropped; a noised view by 0 (its clean copy
+        reuses the position)."""
+        if self.modality is Modality.TEXT:
+            return self.num_tokens if kept else 0
+        return 1 if self.modality in (Modality.VIT, Modality.VAE_CLEAN) else 0
+
+
+def position_advance(pieces: Sequence[StreamPiece], keep: Sequence[bool]) -> int:
+    """How far ``pieces`` move the RoPE position, each kept or dropped as ``keep`` says (:meth:`StreamPiece.advance`).
+
+    Example:
+        >>> text = StreamPiece(Modality.TEXT, 0, 0, content=(7, 8))
+        >>> view = StreamPiece(Modality.VIT, 0, 1, image="a", grid=(2, 2))
+        >>> position_advance([text, view], [True, False]), position_advance([text, view], [False, True])
+        (5, 1)
+    """
+    return sum(piece.advance(kept) for piece, kept in zip(pieces, keep, strict=True))
 
 
 @dataclass(frozen=True)
@@ -188,60 +213,75 @@ class StreamBuilder:
 
     def add_document(self, doc: int, plan: DocumentPlan, keep: Sequence[bool]) -> None:
         """Append document ``doc``: its kept pieces (``keep[i]`` for ``plan.pieces[i]``), positions from 0, labels."""
+        offsets = self.add_pieces(
+            doc, plan.pieces, keep, images=plan.images, vit_size=plan.vit_size, vae_size=plan.vae_size
+        )
+        self.ce.extend(document_labels(plan, keep, offsets, self.tokenizer))
+
+    def add_pieces(
+        self,
+        doc: int,
+        pieces: Sequence[StreamPiece],
+        keep: Sequence[bool],
+        *,
+        images: Mapping[str, torch.Tensor],
+        vit_size: Mapping[str, tuple[int, int]],
+        vae_size: Mapping[str, tuple[int, int]],
+    ) -> dict[int, int]:
+        """Append the kept ``pieces`` as document ``doc`` (positions from 0, no CE labels); returns piece index ->
+        position of its first token in the sequence (kept pieces only).
+
+        ``images``: key → ``uint8 [3, H, W]``; ``vit_size`` / ``vae_size``: key → resized ``(h, w)`` of its views.
+        """
         position = 0  # each document starts at 0 (SPEC §3)
         offsets: dict[int, int] = {}
         vae_slot: dict[str, int] = {}  # image key -> index in vae_images (one encode per image per document)
         vit_cache: dict[str, torch.Tensor] = {}
-        for idx, (piece, k) in enumerate(zip(plan.pieces, keep)):
-            m = piece.modality
-            if not k:
-                if m in (Modality.VAE_CLEAN, Modality.VIT):
-                    position += 1  # a dropped image view still advances (SPEC §3); dropped text advances nothing
-                continue
-            offsets[idx] = start = self.length
-            n = piece.num_tokens
-            self.rows.append((start, n, int(_MODE[m]), doc, int(m)))
-            if m is Modality.TEXT:
-                self.ids.extend((self.ids_text[0], *piece.content, self.ids_text[1]))
-                self.pos.extend(range(position, position + n))
-                self.kind.extend([_K_TEXT] * n)
-                position += n
-                continue
-            inner = n - 2
-            self.ids.extend((self.ids_vision[0], *([self.pad_id] * inner), self.ids_vision[1]))
-            self.pos.extend([position] * n)
-            key = piece.image
-            assert key is not None
-            rc = grid_rc(*piece.grid)
-            if m is Modality.VIT:
-                self.kind.extend((_K_TEXT, *([_K_VIT] * inner), _K_TEXT))
-                if key not in vit_cache:
-                    pixels = resize_image(plan.images[key], plan.vit_size[key])
-                    vit_cache[key] = vit_patches(
-                        pixels, patch=self.vit_patch_size, mean=self.vit_mean, std=self.vit_std
-                    )
-                self.vit_patches.append(vit_cache[key])
-                self.vit_rc.append(rc)
-                self.vit_grid.append(piece.grid)
-            else:
-                self.kind.extend((_K_TEXT, *([_K_VAE] * inner), _K_TEXT))
-                if key not in vae_slot:
-                    vae_slot[key] = len(self.vae_images)
-                    self.vae_images.append(vae_pixels(resize_image(plan.images[key], plan.vae_size[key])))
-                self.vae_token_view.append(torch.full((inner,), len(self.vae_view_image), dtype=torch.long))
-                self.vae_view_image.append(vae_slot[key])
-                self.vae_view_noised.append(m is Modality.VAE_NOISED)
-                self.vae_grid.append(piece.grid)
-                self.vae_rc.append(rc)
-            if m is not Modality.VAE_NOISED:
-                position += 1  # a clean view advances; a noised one leaves its position to its clean copy
-        self.ce.extend(document_labels(plan, keep, offsets, self.tokenizer))
+        for idx, (piece, k) in enumerate(zip(pieces, keep)):
+            if k:
+                offsets[idx] = self.length
+                self._add_piece(doc, piece, position, images, vit_size, vae_size, vae_slot, vit_cache)
+            position += piece.advance(k)
+        return offsets
+
+    def _add_piece(self, doc, piece, position, images, vit_size, vae_size, vae_slot, vit_cache) -> None:
+        m = piece.modality
+        start, n = self.length, piece.num_tokens
+        self.rows.append((start, n, int(m.attn_mode), doc, int(m)))
+        self.pos.extend(piece.position_ids(position))
+        if m is Modality.TEXT:
+            self.ids.extend((self.ids_text[0], *piece.content, self.ids_text[1]))
+            self.kind.extend([_K_TEXT] * n)
+            return
+        inner = n - 2
+        self.ids.extend((self.ids_vision[0], *([self.pad_id] * inner), self.ids_vision[1]))
+        key = piece.image
+        assert key is not None
+        rc = grid_rc(*piece.grid)
+        if m is Modality.VIT:
+            self.kind.extend((_K_TEXT, *([_K_VIT] * inner), _K_TEXT))
+            if key not in vit_cache:
+                pixels = resize_image(images[key], vit_size[key])
+                vit_cache[key] = vit_patches(pixels, patch=self.vit_patch_size, mean=self.vit_mean, std=self.vit_std)
+            self.vit_patches.append(vit_cache[key])
+            self.vit_rc.append(rc)
+            self.vit_grid.append(piece.grid)
+        else:
+            self.kind.extend((_K_TEXT, *([_K_VAE] * inner), _K_TEXT))
+            if key not in vae_slot:
+                vae_slot[key] = len(self.vae_images)
+                self.vae_images.append(vae_pixels(resize_image(images[key], vae_size[key])))
+            self.vae_token_view.append(torch.full((inner,), len(self.vae_view_image), dtype=torch.long))
+            self.vae_view_image.append(vae_slot[key])
+            self.vae_view_noised.append(m is Modality.VAE_NOISED)
+            self.vae_grid.append(piece.grid)
+            self.vae_rc.append(rc)
 
     def add_padding(self, doc: int, n: int) -> None:
         """A padding split with a document id of its own, embedded as ``pad_id`` (understanding expert)."""
         if n <= 0:
             return
-        self.rows.append((self.length, n, int(_MODE[Modality.PAD]), doc, int(Modality.PAD)))
+        self.rows.append((self.length, n, int(Modality.PAD.attn_mode), doc, int(Modality.PAD)))
         self.ids.extend([self.pad_id] * n)
         self.pos.extend(range(n))
         self.kind.extend([_K_TEXT] * n)

@@ -2,7 +2,8 @@
 (several sessions replying with one forward per step)."""
 
 from chatumm_kit.inference.batch import respond_batch
-from chatumm_kit.inference.sampler import SamplerConfig, cfg_combine, euler_sample, timestep_grid
+from chatumm_kit.inference.guidance import cfg_combine
+from chatumm_kit.inference.sampler import SamplerConfig, euler_sample, timestep_grid
 from chatumm_kit.inference.script import read_script, run_script
 from chatumm_kit.inference.session import AssistantReply, ChatSession, SessionConfig
 

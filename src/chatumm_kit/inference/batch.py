@@ -4,7 +4,7 @@
 reply is the generator :meth:`ChatSession.reply_steps` (``inference/steps.py``); at every tick each unfinished
 session has exactly one pending step — a decoded token to commit (:class:`~.steps.TokenStep`) or an Euler step of
 an image (:class:`~.steps.VelocityStep`) — and :func:`run_together` answers all of them with **one** forward
-(:func:`~.multi_cache.forward_cache_chunks`): one chunk per token step, and one noised-view chunk per CFG context
+(``ChatUMM.forward_chunks``, the backbone's one routing loop): one chunk per token step, and one noised-view chunk per CFG context
 that each velocity step needs at its ``t``. Sessions may be at different stages (one decoding text while another
 samples an image: both go into the same forward), may use different sampler settings (steps, CFG scales and
 interval, seeds, image sizes), and drop out when their reply ends. What runs once per segment — choosing tokens,

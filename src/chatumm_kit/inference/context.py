@@ -6,20 +6,24 @@ token and the 1-D RoPE position of the next one. A chat keeps three (see ``infer
 :class:`StreamRunner` turns stream pieces into cache rows:
 
 * :meth:`StreamRunner.embed` embeds a list of pieces **once** (token table for text and markers, ViT for ViT views,
-  VAE head at ``t = 0`` for clean VAE views), through the packer's own layout code (``StreamBuilder``) and
-  ``ChatUMM.embed``, so a prefilled chunk is bit-for-bit the input a packed training sequence would give;
+  VAE head at ``t = 0`` for clean VAE views), through the packer's own layout code (``StreamBuilder.add_pieces``)
+  and ``ChatUMM.embed_stream``, so a prefilled chunk is bit-for-bit the input a packed training sequence would give;
 * :meth:`StreamRunner.prefill` appends the pieces a context keeps (``keep``) and commits them. Positions follow
-  SPEC §3 and the packer's CFG-dropout rule: kept text advances by its length, dropped text by nothing; an image
-  view shares one position, and a clean view advances by 1 *whether kept or dropped*; the mask inside the chunk is
-  the GCA mask of its splits (``MaskBuilder.dense``), and every query also sees the whole cache;
-* :meth:`StreamRunner.step` appends one text token (decoding);
-* :meth:`StreamRunner.noised_velocity` runs a noised VAE view (``v_s`` + latents at time ``t`` + ``v_e``, one
-  ``noise`` split, all at the context's position) with ``commit=False`` and returns its velocity: nothing stays in
-  the cache and the position does not move (a noised view never advances, SPEC §3).
+  the packer's own rule (``StreamPiece.position_ids`` / ``StreamPiece.advance``: SPEC §3 with the CFG-dropout rule,
+  so a dropped clean view still advances by 1); the mask inside the chunk is the GCA mask of its splits
+  (``ChatUMM.chunk_mask``), and every query also sees the whole cache;
+* :meth:`StreamRunner.step` appends one text token (decoding): :func:`token_chunk`;
+* :meth:`StreamRunner.noised_velocity` runs a noised VAE view (``ChatUMM.embed_noised_views``: ``v_s`` + latents at
+  time ``t`` + ``v_e``) as :func:`noised_view_chunk` — one bidirectional split at the context's position, not
+  committed — and returns its velocity: nothing stays in the cache and the position does not move (a noised view
+  never advances, SPEC §3).
+
+:func:`token_chunk` and :func:`noised_view_chunk` are the two chunks a reply appends step by step; the stacked
+forward of several contexts (``inference/steps.py``) builds the same chunks.
 
 Example:
     >>> runner = StreamRunner(model=model, packer=packer)                       # doctest: +SKIP
-    >>> ctx = CacheContext(cache=model.backbone.new_kv_cache(), position=0)     # doctest: +SKIP
+    >>> ctx = CacheContext(cache=model.new_kv_cache(), position=0)              # doctest: +SKIP
     >>> chunk = runner.embed(runner.turn_pieces(turn, images), images)          # doctest: +SKIP
     >>> last_hidden = runner.prefill(ctx, chunk, keep=[True] * len(chunk))      # doctest: +SKIP
 """
@@ -27,21 +31,18 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from chatumm_kit.components.kv_cache import MoTKVCache
-from chatumm_kit.components.splits import AttnMode, Modality, SplitTable
-from chatumm_kit.data.dialogue import ImageSegment, Role, TextSegment, Turn
-from chatumm_kit.data.image_views import grid_rc
+from chatumm_kit.components.kv_cache import CacheChunk, MoTKVCache
+from chatumm_kit.components.splits import Modality, SplitTable
+from chatumm_kit.data.dialogue import ImageSegment, TextSegment, Turn
 from chatumm_kit.data.packing import Packer
-from chatumm_kit.data.stream_layout import DocumentPlan, StreamBuilder, StreamPiece, TurnPlan
-from chatumm_kit.model import ChatUMM, FlowInputs
+from chatumm_kit.data.stream_layout import StreamBuilder, StreamPiece
+from chatumm_kit.model import ChatUMM, NoisedView, StreamInputs
 
-__all__ = ["CacheContext", "EmbeddedChunk", "StreamRunner", "position_advance", "to_uint8"]
-
-_MODE = {Modality.TEXT: AttnMode.CAUSAL, Modality.VIT: AttnMode.FULL, Modality.VAE_CLEAN: AttnMode.FULL}
+__all__ = ["CacheContext", "EmbeddedChunk", "StreamRunner", "noised_view_chunk", "to_uint8", "token_chunk"]
 
 
 @dataclass
@@ -71,24 +72,32 @@ class CacheContext:
         self.position = position
 
 
-def position_advance(pieces: Sequence[StreamPiece], keep: Sequence[bool]) -> int:
-    """How far ``pieces`` move the RoPE position (SPEC §3 with the packer's dropout rule).
+def token_chunk(ctx: CacheContext, embedding: torch.Tensor) -> CacheChunk:
+    """One decoded text token (``embedding [1, D]``) at ``ctx.position``, inside an open text split: committed."""
+    dev = embedding.device
+    return CacheChunk(
+        cache=ctx.cache,
+        hidden=embedding,
+        position_ids=torch.full((1,), ctx.position, device=dev),
+        is_gen=torch.zeros(1, dtype=torch.bool, device=dev),
+        mask=torch.ones(1, 1, dtype=torch.bool, device=dev),
+        commit=True,
+    )
 
-    Kept text: its token count; dropped text: 0; clean image view, kept or dropped: 1; noised view: 0.
 
-    Example:
-        >>> text = StreamPiece(Modality.TEXT, 0, 0, content=(7, 8))
-        >>> view = StreamPiece(Modality.VIT, 0, 1, image="a", grid=(2, 2))
-        >>> position_advance([text, view], [True, False]), position_advance([text, view], [False, True])
-        (5, 1)
-    """
-    step = 0
-    for piece, kept in zip(pieces, keep, strict=True):
-        if piece.modality is Modality.TEXT:
-            step += piece.num_tokens if kept else 0
-        elif piece.modality in (Modality.VIT, Modality.VAE_CLEAN):
-            step += 1
-    return step
+def noised_view_chunk(ctx: CacheContext, view: StreamInputs) -> CacheChunk:
+    """A noised view (``ChatUMM.embed_noised_views``) in context ``ctx``: one ``noise`` split (bidirectional inside)
+    with every token at ``ctx.position`` (SPEC §3: a noised view shares its image's position and never advances it),
+    not committed (rule 3: nothing later sees it)."""
+    n, dev = len(view), view.hidden.device
+    return CacheChunk(
+        cache=ctx.cache,
+        hidden=view.hidden,
+        position_ids=torch.full((n,), ctx.position, device=dev),
+        is_gen=view.is_gen,
+        mask=torch.ones(n, n, dtype=torch.bool, device=dev),
+        commit=False,
+    )
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -102,15 +111,13 @@ class EmbeddedChunk:
 
     Attributes:
         pieces: the pieces in stream order (text or clean image views).
-        hidden: ``[L, D]`` input embeddings of all pieces (every piece kept).
-        spans: ``(start, length)`` of each piece in ``hidden``.
-        is_gen: ``[L]`` bool, True for VAE latent tokens (generation expert).
+        inputs: ``[L, D]`` input embeddings of all pieces (every piece kept) with their expert routing.
+        spans: ``(start, length)`` of each piece in ``inputs``.
     """
 
     pieces: list[StreamPiece]
-    hidden: torch.Tensor
+    inputs: StreamInputs
     spans: list[tuple[int, int]]
-    is_gen: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -129,16 +136,15 @@ class StreamRunner:
         self.model = model
         self.packer = packer
         self.tokenizer = packer.tokenizer
-        tok = self.tokenizer
-        self._vision_ids = torch.tensor([tok.vision_start_id, tok.vision_end_id])
+        self.vision_ids = (self.tokenizer.vision_start_id, self.tokenizer.vision_end_id)
 
     @property
     def device(self) -> torch.device:
-        return self.model.backbone.lm_head.weight.device
+        return self.model.device
 
     def new_context(self) -> CacheContext:
         """An empty context at position 0."""
-        return CacheContext(cache=self.model.backbone.new_kv_cache(), position=0)
+        return CacheContext(cache=self.model.new_kv_cache(), position=0)
 
     # ------------------------------------------------------------------ pieces
     def turn_pieces(
@@ -185,37 +191,29 @@ class StreamRunner:
 
     # ------------------------------------------------------------------ embedding
     def embed(self, pieces: Sequence[StreamPiece], images: Mapping[str, torch.Tensor]) -> EmbeddedChunk:
-        """Embed every piece once through the packer's ``StreamBuilder`` and ``ChatUMM.embed``."""
-        pieces = [replace(p, turn=0) for p in pieces]
+        """Embed every piece once, laid out by the packer's ``StreamBuilder`` (``add_pieces``: no labels) and
+        embedded by ``ChatUMM.embed_stream``."""
+        pieces = list(pieces)
         keys = {p.image for p in pieces if p.image is not None}
         sizes = {k: self.packer.view_sizes(int(images[k].shape[1]), int(images[k].shape[2])) for k in keys}
-        plan = DocumentPlan(
-            key="chunk",
-            dialogue_id="chunk",
-            turns=[TurnPlan(role=Role.USER, supervised=False)],
-            pieces=pieces,
-            images={k: images[k] for k in keys},
-            vit_size={k: v[0] for k, v in sizes.items()},
-            vae_size={k: v[1] for k, v in sizes.items()},
-        )
         builder = StreamBuilder(
             tokenizer=self.tokenizer,
             vit_patch_size=self.packer.vit_patch_size,
             vit_mean=self.packer.vit_mean,
             vit_std=self.packer.vit_std,
         )
-        builder.add_document(0, plan, [True] * len(pieces))
+        builder.add_pieces(
+            0,
+            pieces,
+            [True] * len(pieces),
+            images={k: images[k] for k in keys},
+            vit_size={k: v[0] for k, v in sizes.items()},
+            vae_size={k: v[1] for k, v in sizes.items()},
+        )
         n = builder.length
         batch = builder.build(sample_keys=["chunk"], num_real_tokens=n, token_budget=n).to(self.device)
-        empty = FlowInputs(
-            timesteps=torch.zeros(0, device=self.device),
-            noise=torch.zeros(0, self.model.vae.token_dim, device=self.device),
-        )
-        hidden, _, _ = self.model.embed(batch, empty)
-        is_gen = torch.zeros(n, dtype=torch.bool, device=self.device)
-        is_gen[batch.gen_indices] = True
         spans = [(start, length) for start, length, *_ in batch.splits.rows()]
-        return EmbeddedChunk(pieces=pieces, hidden=hidden, spans=spans, is_gen=is_gen)
+        return EmbeddedChunk(pieces=pieces, inputs=self.model.embed_stream(batch), spans=spans)
 
     # ------------------------------------------------------------------ running
     def prefill(
@@ -232,74 +230,46 @@ class StreamRunner:
         pieces = chunk.pieces[start:stop]
         rows: list[tuple[int, int, int, int, int]] = []
         token_idx: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
+        positions: list[int] = []
         pos, length = ctx.position, 0
         for piece, (s, n), kept in zip(pieces, chunk.spans[start:stop], keep):
             if kept:
-                rows.append((length, n, int(_MODE[piece.modality]), 0, int(piece.modality)))
+                rows.append((length, n, int(piece.modality.attn_mode), 0, int(piece.modality)))
                 token_idx.append(torch.arange(s, s + n))
-                if piece.modality is Modality.TEXT:
-                    positions.append(torch.arange(pos, pos + n))
-                else:
-                    positions.append(torch.full((n,), pos))
+                positions.extend(piece.position_ids(pos))
                 length += n
-            pos += position_advance([piece], [kept])
+            pos += piece.advance(kept)
         if not rows:
             ctx.position = pos
             return None
         dev = self.device
         idx = torch.cat(token_idx).to(dev)
-        is_gen = chunk.is_gen[idx]
-        out = self.model.backbone(
-            chunk.hidden[idx],
-            position_ids=torch.cat(positions).to(dev),
-            und_indices=(~is_gen).nonzero().flatten(),
-            gen_indices=is_gen.nonzero().flatten(),
-            attn_mask=self.model.mask_builder.dense(SplitTable.from_rows(rows)).to(dev),
-            kv_cache=ctx.cache,
-            commit=True,
+        inputs = chunk.inputs
+        out = self.model.forward_chunk(
+            CacheChunk(
+                cache=ctx.cache,
+                hidden=inputs.hidden[idx],
+                position_ids=torch.tensor(positions, device=dev),
+                is_gen=inputs.is_gen[idx],
+                mask=self.model.chunk_mask(SplitTable.from_rows(rows)),
+                commit=True,
+            )
         )
         ctx.position = pos
         return out[-1]
 
     def step(self, ctx: CacheContext, token_id: int) -> torch.Tensor:
         """Commit one text token (inside an open text split) at ``ctx.position``; returns its ``[D]`` output."""
-        dev = self.device
-        backbone = self.model.backbone
-        out = backbone(
-            backbone.embed_tokens(torch.tensor([int(token_id)], device=dev)),
-            position_ids=torch.tensor([ctx.position], device=dev),
-            und_indices=torch.zeros(1, dtype=torch.long, device=dev),
-            gen_indices=torch.zeros(0, dtype=torch.long, device=dev),
-            attn_mask=torch.ones(1, 1, dtype=torch.bool, device=dev),
-            kv_cache=ctx.cache,
-            commit=True,
-        )
+        out = self.model.forward_chunk(token_chunk(ctx, self.model.embed_text(torch.tensor([int(token_id)]))))
         ctx.position += 1
         return out[0]
 
     def noised_velocity(self, ctx: CacheContext, x_t: torch.Tensor, t: float, grid: tuple[int, int]) -> torch.Tensor:
         """Velocity ``[N, p²C]`` (float32) of the noised view ``x_t [N, p²C]`` at time ``t`` in context ``ctx``.
 
-        The view (``v_s`` + ``N`` latent tokens + ``v_e``) is one ``noise`` split at ``ctx.position``; it sees the
-        whole cache and nothing keeps it (``commit=False``).
+        The view (``v_s`` + ``N`` latent tokens + ``v_e``) is :func:`noised_view_chunk`: one ``noise`` split at
+        ``ctx.position``; it sees the whole cache and nothing keeps it (``commit=False``).
         """
-        dev = self.device
-        model = self.model
-        n = x_t.shape[0]
-        if n != grid[0] * grid[1]:
-            raise ValueError(f"noised_velocity: {n} latent tokens do not fill a {grid[0]}x{grid[1]} grid")
-        latents = model.vae.embed(x_t.to(dev), torch.full((n,), float(t), device=dev), grid_rc(*grid).to(dev))
-        markers = model.backbone.embed_tokens(self._vision_ids.to(dev))
-        hidden = torch.cat([markers[:1], latents.to(markers.dtype), markers[1:]])
-        length = n + 2
-        out = model.backbone(
-            hidden,
-            position_ids=torch.full((length,), ctx.position, device=dev),
-            und_indices=torch.tensor([0, length - 1], device=dev),
-            gen_indices=torch.arange(1, length - 1, device=dev),
-            attn_mask=torch.ones(length, length, dtype=torch.bool, device=dev),
-            kv_cache=ctx.cache,
-            commit=False,
-        )
-        return model.vae.velocity(out[1:-1]).float()
+        [view] = self.model.embed_noised_views([NoisedView(x_t=x_t, t=t, grid=grid)], vision_ids=self.vision_ids)
+        out = self.model.forward_chunk(noised_view_chunk(ctx, view))
+        return self.model.view_velocities([out])[0]

@@ -1,168 +1,139 @@
-"""The three CFG contexts of a chat, kept up to date turn by turn (SPEC §4): full, text- and image-unconditional.
+"""Classifier-free guidance over three contexts (SPEC §4): the guided velocity that the Euler sampler integrates.
 
-What each context holds is defined in ``inference/session.py``. This module does the bookkeeping:
+Classifier-free guidance over three velocities (SPEC §4), applied only while ``lo < t ≤ hi`` (``cfg_interval``):
 
-* **sharing** — an unconditional context that equals ``full`` is not stored (``None`` internally, ``full`` itself in
-  :attr:`GuidanceContexts.view`); at the first piece it must drop, it is forked from ``full`` right there (cache rows
-  copied, not recomputed), so a shared prefix is computed once;
-* **keep rules** — :func:`keep_text_uncond` (drop the user block's text) and :func:`keep_image_uncond` (text only);
-* **snapshots** — :meth:`GuidanceContexts.snapshot` / :meth:`GuidanceContexts.restore` for rollback (caches are
-  truncated; a text-unconditional context replaced by a later user block is rebuilt from ``full``).
+    ``v_txt = v_txt_uncond + s_txt·(v_full − v_txt_uncond)``
+    ``v     = v_img_uncond + s_img·(v_txt − v_img_uncond)``
+
+then optionally renormalised so that ``‖v‖`` does not exceed ``‖v_full‖``: over all tokens at once (``"global"``) or
+per token (``"token"``); the rescale factor is clamped to ``[renorm_min, 1]``.
+
+A chat keeps the three contexts (full, text- and image-unconditional) up to date turn by turn in
+``inference/cfg_contexts.py``; the Euler integration itself is ``inference/sampler.py``.
 
 Example:
-    >>> ctxs = GuidanceContexts(runner=runner)                                              # doctest: +SKIP
-    >>> ctxs.start_user_block(0)                                                            # doctest: +SKIP
-    >>> last = ctxs.extend(chunk, keep_text_uncond(pieces, Role.USER), keep_image_uncond(pieces))  # doctest: +SKIP
+    >>> f, t, i = torch.ones(1, 2), torch.zeros(1, 2), torch.zeros(1, 2)
+    >>> cfg_combine(f, t, i, text_scale=4.0, image_scale=1.5).tolist()   # 0 + 1.5·(0 + 4·(1 − 0) − 0)
+    [[6.0, 6.0]]
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from chatumm_kit.components.splits import Modality
-from chatumm_kit.data.dialogue import Role
-from chatumm_kit.data.stream_layout import StreamPiece
-from chatumm_kit.inference.context import CacheContext, EmbeddedChunk, StreamRunner
+from chatumm_kit.inference.sampler import RENORM_MODES, SamplerConfig, VelocityFn
 
-__all__ = ["ContextMark", "GuidanceContexts", "SessionContexts", "keep_image_uncond", "keep_text_uncond"]
+__all__ = ["active_unconditional", "cfg_combine", "guided_velocity", "in_cfg_interval", "renorm_velocity"]
 
 
-def keep_text_uncond(pieces: Sequence[StreamPiece], role: Role) -> list[bool]:
-    """The text-unconditional context drops the text of user turns (of the current block) and keeps the rest."""
-    return [not (role is Role.USER and p.modality is Modality.TEXT) for p in pieces]
+def in_cfg_interval(t: float, interval: tuple[float, float]) -> bool:
+    """Whether guidance applies at time ``t``: ``lo < t ≤ hi`` (so ``(0, 1)`` means every step)."""
+    lo, hi = interval
+    return lo < t <= hi
 
 
-def keep_image_uncond(pieces: Sequence[StreamPiece]) -> list[bool]:
-    """The image-unconditional context keeps text only."""
-    return [p.modality is Modality.TEXT for p in pieces]
+def renorm_velocity(
+    v: torch.Tensor, reference: torch.Tensor, *, mode: Literal["none", "global", "token"], min_scale: float = 0.0
+) -> torch.Tensor:
+    """Shrink ``v`` so its norm does not exceed ``reference``'s (``[N, C]`` each); never enlarges it.
+
+    ``"global"``: one L2 norm over all ``N·C`` values; ``"token"``: per row (the last dimension). The factor
+    ``‖reference‖ / ‖v‖`` is clamped to ``[min_scale, 1]``.
+    """
+    if mode == "none":
+        return v
+    if mode == "global":
+        num, den = reference.norm(), v.norm()
+    elif mode == "token":
+        num, den = reference.norm(dim=-1, keepdim=True), v.norm(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"renorm_velocity: mode must be one of {RENORM_MODES}, got {mode!r}")
+    scale = (num / den.clamp_min(torch.finfo(v.dtype).tiny)).clamp(min=min_scale, max=1.0)
+    return v * scale
 
 
-@dataclass(frozen=True)
-class SessionContexts:
-    """The three attention contexts; an unconditional one that equals ``full`` *is* ``full`` (same object)."""
+def cfg_combine(
+    v_full: torch.Tensor,
+    v_text_uncond: torch.Tensor,
+    v_image_uncond: torch.Tensor,
+    *,
+    text_scale: float,
+    image_scale: float,
+    renorm: Literal["none", "global", "token"] = "none",
+    renorm_min: float = 0.0,
+) -> torch.Tensor:
+    """Three-context guidance (SPEC §4), then optional renorm against ``v_full``. All tensors ``[N, C]``.
 
-    full: CacheContext
-    text_uncond: CacheContext
-    image_uncond: CacheContext
+    Example:
+        >>> f, t, i = torch.ones(1, 2), torch.zeros(1, 2), torch.zeros(1, 2)
+        >>> cfg_combine(f, t, i, text_scale=4.0, image_scale=1.5).tolist()   # 0 + 1.5·(0 + 4·(1 − 0) − 0)
+        [[6.0, 6.0]]
+    """
+    v_text = v_text_uncond + text_scale * (v_full - v_text_uncond)
+    v = v_image_uncond + image_scale * (v_text - v_image_uncond)
+    return renorm_velocity(v, v_full, mode=renorm, min_scale=renorm_min)
 
 
-@dataclass(frozen=True)
-class ContextMark:
-    """Snapshot of the contexts: ``(num_tokens, position)`` each (``None``: shared with full) and the user block."""
+def active_unconditional(
+    t: float, config: SamplerConfig, *, has_text_uncond: bool, has_image_uncond: bool
+) -> tuple[bool, bool]:
+    """Which unconditional contexts :func:`guided_velocity` runs at time ``t``: ``(text, image)``.
 
-    full: tuple[int, int]
-    text_uncond: tuple[int, int] | None
-    image_uncond: tuple[int, int] | None
-    block_start: int
+    A context runs only inside ``cfg_interval``, when it exists (``has_*``: it differs from the full context) and
+    when its scale is not 1. A scheduler that batches several samplers uses this to know, before the model runs,
+    which contexts each one needs at this step.
+
+    Example:
+        >>> cfg = SamplerConfig(cfg_text_scale=4.0, cfg_image_scale=1.0, cfg_interval=(0.4, 1.0))
+        >>> active_unconditional(0.9, cfg, has_text_uncond=True, has_image_uncond=True)
+        (True, False)
+        >>> active_unconditional(0.2, cfg, has_text_uncond=True, has_image_uncond=True)
+        (False, False)
+    """
+    if not in_cfg_interval(t, config.cfg_interval):
+        return False, False
+    return has_text_uncond and config.cfg_text_scale != 1.0, has_image_uncond and config.cfg_image_scale != 1.0
 
 
-def _state(ctx: CacheContext | None) -> tuple[int, int] | None:
-    return None if ctx is None else (ctx.num_tokens, ctx.position)
+def guided_velocity(
+    *,
+    full: VelocityFn,
+    text_uncond: VelocityFn | None,
+    image_uncond: VelocityFn | None,
+    config: SamplerConfig,
+) -> VelocityFn:
+    """The guided velocity field of three contexts, for :func:`euler_sample`.
 
+    ``None`` for an unconditional context means "identical to the full context" (e.g. no image anywhere in the
+    dialogue): its velocity is ``v_full`` and is not recomputed. A context whose scale is 1 is not run either (its
+    term cancels), and outside ``cfg_interval`` only ``full`` runs.
 
-class GuidanceContexts:
-    """``full``, text-unconditional and image-unconditional contexts over one :class:`StreamRunner`.
-
-    Args:
-        runner: embeds and runs pieces.
+    The formula is applied as written: with ``image_uncond=None`` it gives ``v_full + s_img·(v_txt − v_full)``, so
+    an image scale above 1 then strengthens the text guidance (text-to-image with no image in context); pass
+    ``cfg_image_scale=1`` for plain text guidance there.
     """
 
-    def __init__(self, *, runner: StreamRunner) -> None:
-        self.runner = runner
-        self.full = runner.new_context()
-        self.text_uncond: CacheContext | None = None  # None: the same as full
-        self.image_uncond: CacheContext | None = None
-        self.block_start = 0  # turn index where the current user block (owner of text_uncond) began
-
-    @property
-    def view(self) -> SessionContexts:
-        full = self.full
-        return SessionContexts(full=full, text_uncond=self.text_uncond or full, image_uncond=self.image_uncond or full)
-
-    def start_user_block(self, turn_index: int) -> None:
-        """A user turn after an assistant turn (or the first turn): the text-unconditional context restarts."""
-        self.text_uncond, self.block_start = None, turn_index
-
-    def extend(self, chunk: EmbeddedChunk, keep_text: list[bool], keep_image: list[bool]) -> torch.Tensor:
-        """Append ``chunk`` to every context by its keep rule; returns the full context's last output ``[D]``."""
-        run = self.runner
-        n = len(chunk)
-        keeps = {"text_uncond": keep_text, "image_uncond": keep_image}
-        fork_at = {
-            name: keep.index(False) for name, keep in keeps.items() if getattr(self, name) is None and not all(keep)
-        }
-        last, prev = None, 0
-        for cut in [*sorted(set(fork_at.values())), n]:
-            if cut > prev:
-                last = run.prefill(self.full, chunk, [True] * (cut - prev), start=prev)
-            for name, at in fork_at.items():
-                if at == cut:
-                    setattr(self, name, self.full.fork())
-            prev = cut
-        for name, keep in keeps.items():
-            ctx = getattr(self, name)
-            if ctx is not None:
-                start = fork_at.get(name, 0)
-                run.prefill(ctx, chunk, keep[start:], start=start)
-        if last is None:
-            raise ValueError("GuidanceContexts.extend: empty chunk")
-        return last
-
-    def extend_unconditional(self, chunk: EmbeddedChunk) -> None:
-        """Append assistant pieces that ``full`` already holds (decoded token by token) to the stored unconditional
-        contexts; both keep assistant text, so a shared one stays shared."""
-        for ctx in (self.text_uncond, self.image_uncond):
-            if ctx is not None:
-                self.runner.prefill(ctx, chunk, [True] * len(chunk))
-
-    def stored(self) -> tuple[CacheContext, CacheContext | None, CacheContext | None]:
-        """``(full, text_uncond, image_uncond)`` with ``None`` for a context shared with ``full``."""
-        return self.full, self.text_uncond, self.image_uncond
-
-    # ------------------------------------------------------------------ snapshots
-    def snapshot(self) -> ContextMark:
-        return ContextMark(
-            full=_state(self.full),
-            text_uncond=_state(self.text_uncond),
-            image_uncond=_state(self.image_uncond),
-            block_start=self.block_start,
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        v_full = full(x, t)
+        if not in_cfg_interval(t, config.cfg_interval):
+            return v_full
+        use_text, use_image = active_unconditional(
+            t, config, has_text_uncond=text_uncond is not None, has_image_uncond=image_uncond is not None
+        )
+        # An unused context contributes v_full: exact when the context equals the full one, and irrelevant when its
+        # scale is 1 (the term cancels).
+        v_txt_u = text_uncond(x, t) if use_text else v_full
+        v_img_u = image_uncond(x, t) if use_image else v_full
+        return cfg_combine(
+            v_full,
+            v_txt_u,
+            v_img_u,
+            text_scale=config.cfg_text_scale,
+            image_scale=config.cfg_image_scale,
+            renorm=config.cfg_renorm,
+            renorm_min=config.renorm_min,
         )
 
-    def restore(
-        self,
-        mark: ContextMark,
-        *,
-        text_uncond_needed: bool,
-        block_full: ContextMark,
-        block_chunks: Callable[[], Iterable[tuple[EmbeddedChunk, list[bool]]]],
-    ) -> None:
-        """Go back to ``mark`` (taken earlier on this same stream).
-
-        Args:
-            mark: the snapshot.
-            text_uncond_needed: whether a user block is pending at ``mark`` (else the text-unconditional context
-                is dropped: the next user block restarts it anyway).
-            block_full: the snapshot taken when ``mark``'s user block began (its ``full`` state is where the block's
-                text-unconditional context forks from when it must be rebuilt).
-            block_chunks: the block's turns as ``(chunk, keep_text_uncond)``, for that rebuild.
-        """
-        self.full.restore(*mark.full)
-        if mark.image_uncond is None:
-            self.image_uncond = None
-        else:  # forked before the mark and never re-forked since (a re-fork needs a rollback past the mark)
-            assert self.image_uncond is not None
-            self.image_uncond.restore(*mark.image_uncond)
-        if mark.text_uncond is None or not text_uncond_needed:
-            self.text_uncond = None
-        elif self.text_uncond is not None and self.block_start == mark.block_start:
-            self.text_uncond.restore(*mark.text_uncond)
-        else:  # a later user block replaced it: full before the block + the block's images (only those recomputed)
-            ctx = self.full.fork()
-            ctx.restore(*block_full.full)
-            for chunk, keep in block_chunks():
-                self.runner.prefill(ctx, chunk, keep)
-            self.text_uncond = ctx
-        self.block_start = mark.block_start
+    return velocity

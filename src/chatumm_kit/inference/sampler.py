@@ -1,4 +1,4 @@
-"""Flow-matching sampler: shifted Euler integration from noise to data, with three-context CFG (SPEC §4).
+"""Flow-matching sampler: shifted Euler integration from noise to data (SPEC §4), and the settings of one image.
 
 Conventions (``chatumm_kit.flow``): ``x_t = (1 − t)·x0 + t·ε``, the model predicts ``v = ε − x0 = dx/dt``, ``t = 1``
 is pure noise. Sampling walks a grid ``1 = t_0 > t_1 > … > t_N = 0`` and takes Euler steps
@@ -10,13 +10,8 @@ lands exactly on ``t = 0``. This is diffusers' ``FlowMatchEulerDiscreteScheduler
 ``linspace(1, 0, N + 1)[:-1]`` (the tests check grid and steps against it). diffusers' *default* grid differs only
 in where the linspace stops: it ends at the shifted ``1/1000`` and then appends 0, so its last step is nearly empty.
 
-Classifier-free guidance over three velocities (SPEC §4), applied only while ``lo < t ≤ hi`` (``cfg_interval``):
-
-    ``v_txt = v_txt_uncond + s_txt·(v_full − v_txt_uncond)``
-    ``v     = v_img_uncond + s_img·(v_txt − v_img_uncond)``
-
-then optionally renormalised so that ``‖v‖`` does not exceed ``‖v_full‖``: over all tokens at once (``"global"``) or
-per token (``"token"``); the rescale factor is clamped to ``[renorm_min, 1]``.
+The velocity comes from the caller: one context's model output, or the classifier-free guidance of three contexts
+(``inference/guidance.py``). :class:`SamplerConfig` holds the settings of both (grid and guidance), one per image.
 
 Example:
     >>> x0 = torch.randn(4, 8); eps = torch.randn(4, 8)
@@ -35,23 +30,13 @@ import torch
 
 from chatumm_kit.flow import shift_timesteps
 
-__all__ = [
-    "EulerIntegrator",
-    "SamplerConfig",
-    "VelocityFn",
-    "active_unconditional",
-    "cfg_combine",
-    "euler_sample",
-    "guided_velocity",
-    "in_cfg_interval",
-    "renorm_velocity",
-    "timestep_grid",
-]
+__all__ = ["RENORM_MODES", "EulerIntegrator", "SamplerConfig", "VelocityFn", "euler_sample", "timestep_grid"]
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 """``(x_t [N, C], t) -> v [N, C]``: the velocity of one context at time ``t``."""
 
-_RENORM = ("none", "global", "token")
+RENORM_MODES = ("none", "global", "token")
+"""How guidance renormalises the guided velocity (``inference/guidance.py``, :func:`renorm_velocity`)."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +76,8 @@ class SamplerConfig:
         lo, hi = (float(v) for v in self.cfg_interval)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"SamplerConfig.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
-        if self.cfg_renorm not in _RENORM:
-            raise ValueError(f"SamplerConfig.cfg_renorm must be one of {_RENORM}, got {self.cfg_renorm!r}")
+        if self.cfg_renorm not in RENORM_MODES:
+            raise ValueError(f"SamplerConfig.cfg_renorm must be one of {RENORM_MODES}, got {self.cfg_renorm!r}")
         if not 0.0 <= self.renorm_min <= 1.0:
             raise ValueError(f"SamplerConfig.renorm_min must be in [0, 1], got {self.renorm_min}")
 
@@ -107,117 +92,6 @@ def timestep_grid(num_steps: int, shift: float) -> torch.Tensor:
     if num_steps < 1:
         raise ValueError(f"timestep_grid: num_steps must be >= 1, got {num_steps}")
     return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift)
-
-
-def in_cfg_interval(t: float, interval: tuple[float, float]) -> bool:
-    """Whether guidance applies at time ``t``: ``lo < t ≤ hi`` (so ``(0, 1)`` means every step)."""
-    lo, hi = interval
-    return lo < t <= hi
-
-
-def renorm_velocity(
-    v: torch.Tensor, reference: torch.Tensor, *, mode: Literal["none", "global", "token"], min_scale: float = 0.0
-) -> torch.Tensor:
-    """Shrink ``v`` so its norm does not exceed ``reference``'s (``[N, C]`` each); never enlarges it.
-
-    ``"global"``: one L2 norm over all ``N·C`` values; ``"token"``: per row (the last dimension). The factor
-    ``‖reference‖ / ‖v‖`` is clamped to ``[min_scale, 1]``.
-    """
-    if mode == "none":
-        return v
-    if mode == "global":
-        num, den = reference.norm(), v.norm()
-    elif mode == "token":
-        num, den = reference.norm(dim=-1, keepdim=True), v.norm(dim=-1, keepdim=True)
-    else:
-        raise ValueError(f"renorm_velocity: mode must be one of {_RENORM}, got {mode!r}")
-    scale = (num / den.clamp_min(torch.finfo(v.dtype).tiny)).clamp(min=min_scale, max=1.0)
-    return v * scale
-
-
-def cfg_combine(
-    v_full: torch.Tensor,
-    v_text_uncond: torch.Tensor,
-    v_image_uncond: torch.Tensor,
-    *,
-    text_scale: float,
-    image_scale: float,
-    renorm: Literal["none", "global", "token"] = "none",
-    renorm_min: float = 0.0,
-) -> torch.Tensor:
-    """Three-context guidance (SPEC §4), then optional renorm against ``v_full``. All tensors ``[N, C]``.
-
-    Example:
-        >>> f, t, i = torch.ones(1, 2), torch.zeros(1, 2), torch.zeros(1, 2)
-        >>> cfg_combine(f, t, i, text_scale=4.0, image_scale=1.5).tolist()   # 0 + 1.5·(0 + 4·(1 − 0) − 0)
-        [[6.0, 6.0]]
-    """
-    v_text = v_text_uncond + text_scale * (v_full - v_text_uncond)
-    v = v_image_uncond + image_scale * (v_text - v_image_uncond)
-    return renorm_velocity(v, v_full, mode=renorm, min_scale=renorm_min)
-
-
-def active_unconditional(
-    t: float, config: SamplerConfig, *, has_text_uncond: bool, has_image_uncond: bool
-) -> tuple[bool, bool]:
-    """Which unconditional contexts :func:`guided_velocity` runs at time ``t``: ``(text, image)``.
-
-    A context runs only inside ``cfg_interval``, when it exists (``has_*``: it differs from the full context) and
-    when its scale is not 1. A scheduler that batches several samplers uses this to know, before the model runs,
-    which contexts each one needs at this step.
-
-    Example:
-        >>> cfg = SamplerConfig(cfg_text_scale=4.0, cfg_image_scale=1.0, cfg_interval=(0.4, 1.0))
-        >>> active_unconditional(0.9, cfg, has_text_uncond=True, has_image_uncond=True)
-        (True, False)
-        >>> active_unconditional(0.2, cfg, has_text_uncond=True, has_image_uncond=True)
-        (False, False)
-    """
-    if not in_cfg_interval(t, config.cfg_interval):
-        return False, False
-    return has_text_uncond and config.cfg_text_scale != 1.0, has_image_uncond and config.cfg_image_scale != 1.0
-
-
-def guided_velocity(
-    *,
-    full: VelocityFn,
-    text_uncond: VelocityFn | None,
-    image_uncond: VelocityFn | None,
-    config: SamplerConfig,
-) -> VelocityFn:
-    """The guided velocity field of three contexts, for :func:`euler_sample`.
-
-    ``None`` for an unconditional context means "identical to the full context" (e.g. no image anywhere in the
-    dialogue): its velocity is ``v_full`` and is not recomputed. A context whose scale is 1 is not run either (its
-    term cancels), and outside ``cfg_interval`` only ``full`` runs.
-
-    The formula is applied as written: with ``image_uncond=None`` it gives ``v_full + s_img·(v_txt − v_full)``, so
-    an image scale above 1 then strengthens the text guidance (text-to-image with no image in context); pass
-    ``cfg_image_scale=1`` for plain text guidance there.
-    """
-
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        v_full = full(x, t)
-        if not in_cfg_interval(t, config.cfg_interval):
-            return v_full
-        use_text, use_image = active_unconditional(
-            t, config, has_text_uncond=text_uncond is not None, has_image_uncond=image_uncond is not None
-        )
-        # An unused context contributes v_full: exact when the context equals the full one, and irrelevant when its
-        # scale is 1 (the term cancels).
-        v_txt_u = text_uncond(x, t) if use_text else v_full
-        v_img_u = image_uncond(x, t) if use_image else v_full
-        return cfg_combine(
-            v_full,
-            v_txt_u,
-            v_img_u,
-            text_scale=config.cfg_text_scale,
-            image_scale=config.cfg_image_scale,
-            renorm=config.cfg_renorm,
-            renorm_min=config.renorm_min,
-        )
-
-    return velocity
 
 
 class EulerIntegrator:

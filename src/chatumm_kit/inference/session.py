@@ -3,7 +3,7 @@
 **The stream.** Turns are laid out exactly as the packer lays out a replayed dialogue (every assistant turn
 ``trainable=False``): text → ``im_s`` … ``im_e``; a user image, and an image the assistant generated, → clean VAE view
 then ViT view. Nothing is ever recomputed: a turn's pieces are embedded once and appended to the caches that keep
-them (``inference/context.py``; the bookkeeping of the three contexts is ``inference/guidance.py``). A generated
+them (``inference/context.py``; the bookkeeping of the three contexts is ``inference/cfg_contexts.py``). A generated
 image re-enters from its ``uint8`` pixels (what the user sees and what :meth:`ChatSession.save` writes), so a saved
 chat replays to the same caches.
 
@@ -63,15 +63,15 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, Segment, TextSegment, Turn
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.data.stream_layout import StreamPiece
-from chatumm_kit.inference.context import StreamRunner, to_uint8
-from chatumm_kit.inference.decoding import choose_token
-from chatumm_kit.inference.guidance import (
+from chatumm_kit.inference.cfg_contexts import (
     ContextMark,
     GuidanceContexts,
     SessionContexts,
     keep_image_uncond,
     keep_text_uncond,
 )
+from chatumm_kit.inference.context import StreamRunner, to_uint8
+from chatumm_kit.inference.decoding import choose_token
 from chatumm_kit.inference.sampler import EulerIntegrator, SamplerConfig
 from chatumm_kit.inference.steps import (
     ModelStep,
@@ -202,22 +202,18 @@ class ChatSession:
     """
 
     def __init__(self, *, model: ChatUMM, tokenizer: ChatTokenizer, config: SessionConfig = SessionConfig()) -> None:
-        vae = model.vae
-        if config.vit_patch_size != model.vit.patch_size:
+        if config.vit_patch_size != model.vit_patch_size:
             raise ValueError(
                 f"SessionConfig.vit_patch_size={config.vit_patch_size} but the model's ViT patch is "
-                f"{model.vit.patch_size}"
+                f"{model.vit_patch_size}"
             )
-        if config.vae_token_stride != vae.downsample * vae.latent_patch:
+        if config.vae_token_stride != model.vae_token_stride:
             raise ValueError(
                 f"SessionConfig.vae_token_stride={config.vae_token_stride} but the model's VAE token covers "
-                f"{vae.downsample * vae.latent_patch} pixels (downsample {vae.downsample} × latent patch "
-                f"{vae.latent_patch})"
+                f"{model.vae_token_stride} pixels (downsample × latent patch)"
             )
-        if tokenizer.vocab_size > model.backbone.config.vocab_size:
-            raise ValueError(
-                f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's {model.backbone.config.vocab_size}"
-            )
+        if tokenizer.vocab_size > model.vocab_size:
+            raise ValueError(f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's {model.vocab_size}")
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
@@ -263,7 +259,7 @@ class ChatSession:
         """``[V]`` float logits of the full context's last token (what the model predicts next)."""
         if self._last_hidden is None:
             raise RuntimeError("ChatSession.next_token_logits: the conversation is empty")
-        return self.model.backbone.lm_head(self._last_hidden).float()
+        return self.model.logits(self._last_hidden).float()
 
     def dialogue_sample(self) -> DialogueSample:
         """The conversation as a :class:`DialogueSample` (what the packer would lay out)."""
@@ -424,7 +420,7 @@ class ChatSession:
         hidden = self._last_hidden
         allowed = [tok.im_start_id, tok.vision_start_id]  # the first segment must open something (SPEC §2)
         while len(reply.segments) < max_segments:
-            logits = self.model.backbone.lm_head(hidden)
+            logits = self.model.logits(hidden)
             choice = choose_token(logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator)
             if choice == tok.end_id:
                 reply.intents.append("end")
@@ -460,7 +456,7 @@ class ChatSession:
         closed = False
         while len(ids) < max_new_tokens:
             banned = markers + ([tok.im_end_id] if not ids else [])  # the packer never lays out an empty text
-            logits = self.model.backbone.lm_head(hidden)
+            logits = self.model.logits(hidden)
             token = choose_token(logits, temperature=temperature, top_p=top_p, banned=banned, generator=generator)
             hidden = yield TokenStep(full, token)
             if token == tok.im_end_id:
@@ -484,17 +480,16 @@ class ChatSession:
     def _generate_image(self, sampler: SamplerConfig, generator: torch.Generator, *, segment: int):
         """Sample one image with three-context CFG (a :class:`VelocityStep` per Euler step), decode it, and append it
         as clean context. Returns key, image, the full context's last output."""
-        run, vae = self.runner, self.model.vae
+        run, model = self.runner, self.model
         _, (vae_h, vae_w) = self.packer.view_sizes(*self.config.image_size)
         stride = self.config.vae_token_stride
         grid = (vae_h // stride, vae_w // stride)
         full, text_uncond, image_uncond = self._contexts.stored()
-        noise = torch.randn(grid[0] * grid[1], vae.token_dim, generator=generator).to(run.device)
+        noise = torch.randn(grid[0] * grid[1], model.latent_token_dim, generator=generator).to(model.device)
         euler = EulerIntegrator(noise, sampler)
         while not euler.done:
             euler.step((yield VelocityStep(full, text_uncond, image_uncond, euler.x, euler.t, grid, sampler)))
-        latent = vae.unpatchify(euler.x, grid)
-        image = to_uint8(vae.decode([latent])[0])
+        image = to_uint8(model.decode_latents(euler.x, grid))
         key = self._new_image_key()
         self.images[key] = image
         pieces = run.image_pieces(key, image, segment=segment)

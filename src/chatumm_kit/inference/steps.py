@@ -27,11 +27,10 @@ from typing import TypeVar
 import torch
 
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.image_views import grid_rc
-from chatumm_kit.inference.context import CacheContext, StreamRunner
-from chatumm_kit.inference.multi_cache import CacheChunk, forward_cache_chunks
-from chatumm_kit.inference.sampler import SamplerConfig, active_unconditional, guided_velocity
-from chatumm_kit.model import ChatUMM
+from chatumm_kit.inference.context import CacheContext, StreamRunner, noised_view_chunk, token_chunk
+from chatumm_kit.inference.guidance import active_unconditional, guided_velocity
+from chatumm_kit.inference.sampler import SamplerConfig
+from chatumm_kit.model import ChatUMM, NoisedView
 
 __all__ = ["ModelStep", "ReplySteps", "TokenStep", "VelocityStep", "drive", "drive_alone", "run_alone", "run_together"]
 
@@ -139,67 +138,43 @@ def drive_alone(steps: ReplySteps[T], runner: StreamRunner) -> T:
 
 @torch.no_grad()
 def run_together(model: ChatUMM, tokenizer: ChatTokenizer, steps: Sequence[ModelStep]) -> list[torch.Tensor]:
-    """Answer the steps of several sessions with one forward; returns each step's answer, in order.
+    """Answer the steps of several sessions with one forward (``ChatUMM.forward_chunks``); returns each step's
+    answer, in order.
 
-    A :class:`TokenStep` becomes a one-token chunk (committed; its context's position advances by 1) and answers
-    its ``[D]`` output. A :class:`VelocityStep` becomes one noised-view chunk (``v_s`` + ``N`` latents + ``v_e`` at
-    the context's position, bidirectional, not committed) per context it needs at ``t``, and answers the guided
-    velocity ``[N, p²C]`` float32. Every context must belong to one step only.
+    A :class:`TokenStep` becomes a one-token chunk (:func:`~.context.token_chunk`: committed; its context's position
+    advances by 1) and answers its ``[D]`` output. A :class:`VelocityStep` becomes one noised-view chunk
+    (:func:`~.context.noised_view_chunk`) per context it needs at ``t`` — the image's latents embedded once and
+    shared by its contexts — and answers the guided velocity ``[N, p²C]`` float32. Every context must belong to one
+    step only.
     """
     if not steps:
         return []
-    dev = model.backbone.lm_head.weight.device
-    backbone, vae = model.backbone, model.vae
-    chunks: list[CacheChunk] = []
     token_steps = [s for s in steps if isinstance(s, TokenStep)]
     velocity_steps = [s for s in steps if isinstance(s, VelocityStep)]
     if len(token_steps) + len(velocity_steps) != len(steps):
         bad = next(s for s in steps if not isinstance(s, TokenStep | VelocityStep))
         raise TypeError(f"run_together: not a model step: {bad!r}")
 
+    chunks = []
     if token_steps:
-        embedded = backbone.embed_tokens(torch.tensor([s.token_id for s in token_steps], device=dev))
-        one = torch.ones(1, 1, dtype=torch.bool, device=dev)
-        for step, row in zip(token_steps, embedded):
-            chunks.append(_chunk(step.context, row[None], torch.zeros(1, dtype=torch.bool), one, commit=True))
-
+        embedded = model.embed_text(torch.tensor([s.token_id for s in token_steps]))
+        chunks += [token_chunk(step.context, row[None]) for step, row in zip(token_steps, embedded)]
     needed: list[list[CacheContext]] = [s.contexts() for s in velocity_steps]
     if velocity_steps:
-        # each image's latents are embedded once and shared by its contexts
-        x = torch.cat([s.x_t.to(dev) for s in velocity_steps])
-        t = torch.cat([torch.full((s.x_t.shape[0],), float(s.t), device=dev) for s in velocity_steps])
-        rc = torch.cat([grid_rc(*s.grid).to(dev) for s in velocity_steps])
-        latents = vae.embed(x, t, rc).split([s.x_t.shape[0] for s in velocity_steps])
-        v_s, v_e = backbone.embed_tokens(torch.tensor([tokenizer.vision_start_id, tokenizer.vision_end_id], device=dev))
-        for lat, contexts in zip(latents, needed):
-            hidden = torch.cat([v_s[None], lat.to(v_s.dtype), v_e[None]])
-            n = hidden.shape[0]
-            is_gen = torch.ones(n, dtype=torch.bool)
-            is_gen[0] = is_gen[-1] = False
-            full = torch.ones(n, n, dtype=torch.bool, device=dev)
-            chunks.extend(_chunk(ctx, hidden, is_gen, full, commit=False) for ctx in contexts)
+        views = model.embed_noised_views(
+            [NoisedView(x_t=s.x_t, t=s.t, grid=s.grid) for s in velocity_steps],
+            vision_ids=(tokenizer.vision_start_id, tokenizer.vision_end_id),
+        )
+        chunks += [noised_view_chunk(ctx, view) for view, contexts in zip(views, needed) for ctx in contexts]
 
-    outs = forward_cache_chunks(backbone, chunks)
+    outs = model.forward_chunks(chunks)
 
     answers: dict[int, torch.Tensor] = {}
     for step, out in zip(token_steps, outs):
         step.context.position += 1
         answers[id(step)] = out[0]
     if velocity_steps:
-        view_outs = outs[len(token_steps) :]
-        velocity = vae.velocity(torch.cat([o[1:-1] for o in view_outs])).float()
-        per_view = iter(velocity.split([o.shape[0] - 2 for o in view_outs]))
+        per_view = iter(model.view_velocities(outs[len(token_steps) :]))
         for step, contexts in zip(velocity_steps, needed):
             answers[id(step)] = step.combine({id(ctx): next(per_view) for ctx in contexts})
     return [answers[id(s)] for s in steps]
-
-
-def _chunk(
-    ctx: CacheContext, hidden: torch.Tensor, is_gen: torch.Tensor, mask: torch.Tensor, *, commit: bool
-) -> CacheChunk:
-    n = hidden.shape[0]
-    positions = torch.full((n,), ctx.position, device=hidden.device)
-    return CacheChunk(
-        cache=ctx.cache, hidden=hidden, position_ids=positions, is_gen=is_gen.to(hidden.device), mask=mask,
-        commit=commit,
-    )  # fmt: skip
