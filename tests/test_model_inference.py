@@ -3,6 +3,9 @@ forward runs through (training, prefill, decoding, an Euler step's stacked CFG c
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,7 +32,7 @@ def tok() -> ChatTokenizer:
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    m = build_model({"preset": "chatumm_tiny", "vocab_size": tok.vocab_size})
+    m = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tok.vocab_size})
     with torch.no_grad():  # a non-zero velocity head, experts that differ
         for p in [*m.backbone.parameters(), *m.vae.llm2vae.parameters()]:
             p.add_(0.05 * torch.randn_like(p))
@@ -127,3 +130,18 @@ def test_every_forward_runs_the_one_routing_loop(model, tok, monkeypatch):
     assert isinstance(model.backbone.layers[0], MoTDecoderLayer)
     assert len(routes) > 10
     assert len(layer_calls) == len(routes) * len(model.backbone.layers)
+
+
+def test_inference_reaches_the_model_only_through_its_public_surface():
+    """``inference/`` drives a ChatUMM through its inference methods, never through its parts (issue 17): any
+    attribute access named like a part of the model fails here with the file and line."""
+    parts = {"backbone", "vae", "vit", "mask_builder", "lm_head", "embed_tokens", "layers"}
+    package = Path(__file__).resolve().parents[1] / "src" / "chatumm_kit" / "inference"
+    reaches = [
+        f"{path.name}:{node.lineno} .{node.attr}"
+        for path in sorted(package.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Attribute) and node.attr in parts
+    ]
+    assert len(list(package.glob("*.py"))) >= 10
+    assert reaches == []

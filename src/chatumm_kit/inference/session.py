@@ -127,8 +127,8 @@ class SessionConfig:
         """
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         return cls(
-            vit_patch_size=model.vit.patch_size,
-            vae_token_stride=model.vae.downsample * model.vae.latent_patch,
+            vit_patch_size=model.vit_patch_size,
+            vae_token_stride=model.vae_token_stride,
             max_image_side=max(size),
             image_size=size,
         )
