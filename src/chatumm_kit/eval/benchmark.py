@@ -47,14 +47,23 @@ from typing import Any
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import DialogueSample, Role
 from chatumm_kit.data.shapes import WorldConfig
-from chatumm_kit.eval.metrics import FreeRun, TurnScore, score_turn
+from chatumm_kit.eval.metrics import FreeRun, TurnScore
 from chatumm_kit.eval.report import BenchmarkReport, DatasetSummary, ModelReport
 from chatumm_kit.eval.responders import ChatSessionResponder, ReplySettings, Responder
-from chatumm_kit.eval.turns import ExpectedTurn, Reply, expected_turns
+from chatumm_kit.eval.scoring import ScoreRequest, ShapesExactScorer, TurnScorer
+from chatumm_kit.eval.turns import ExpectedTurn, Part, Reply, expected_turns
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.training.loading import LoadedModel, load_checkpoint
 
-__all__ = ["BenchmarkSettings", "ModelSource", "ContextTrackingBenchmark", "run_benchmark", "ModelLike"]
+__all__ = [
+    "BenchmarkSettings",
+    "ModelSource",
+    "DialogueReplay",
+    "ScoredTurn",
+    "ContextTrackingBenchmark",
+    "run_benchmark",
+    "ModelLike",
+]
 
 DEFAULT_BATCH_SIZE = 8
 """Dialogues run in lockstep by default. Measured on CPU (1 thread): ``benchmarks/bench_sessions.py`` has 8 tiny-model
@@ -148,8 +157,163 @@ def _as_responder(name: str, value: Any, world: WorldConfig, reply: ReplySetting
     )
 
 
-class ContextTrackingBenchmark:
-    """Runs responders over held-out dialogues and scores them (protocol in the module docstring).
+@dataclass(frozen=True)
+class ScoredTurn:
+    """A scored reply with what it was scored on (for reports that show replies: :mod:`.html`)."""
+
+    request: ScoreRequest
+    score: TurnScore
+
+
+class DialogueReplay:
+    """The replay protocol (module docstring) over any exchanges and any :class:`~.scoring.TurnScorer`.
+
+    Args:
+        expected: per dialogue, its exchanges in order (:func:`~.turns.expected_turns` for ShapesChat,
+            :func:`~.turns.reference_turns` for any dialogue, one-exchange items for single-turn benchmarks).
+        scorer: scores the replies.
+        seed: seeds each reply (:meth:`turn_seed`).
+        batch_size: dialogues a :class:`~.responders.ChatSessionResponder` runs in lockstep (speed only).
+
+    Raises:
+        ValueError: there are no dialogues, or a dialogue has no exchange.
+    """
+
+    def __init__(
+        self,
+        *,
+        expected: Sequence[Sequence[ExpectedTurn]],
+        scorer: TurnScorer,
+        seed: int = 0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        self.expected: list[list[ExpectedTurn]] = [list(e) for e in expected]
+        if not self.expected:
+            raise ValueError(f"{type(self).__name__}: no dialogues to evaluate")
+        empty = [i for i, e in enumerate(self.expected) if not e]
+        if empty:
+            raise ValueError(f"{type(self).__name__}: dialogues {empty[:5]} have no user/assistant exchange")
+        self.scorer = scorer
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def turn_seed(self, dialogue_id: str, index: int) -> int:
+        """The seed of the reply to exchange ``index`` of ``dialogue_id`` (stable across runs and processes)."""
+        return zlib.crc32(f"{self.seed}:{dialogue_id}:{index}".encode()) & 0x7FFFFFFF
+
+    def teacher_forced(self, responder: Responder, *, progress: bool = False) -> list[TurnScore]:
+        """Score every assistant turn with the true history before it."""
+        return [t.score for t in self.teacher_forced_turns(responder, progress=progress)]
+
+    def teacher_forced_turns(self, responder: Responder, *, progress: bool = False) -> list[ScoredTurn]:
+        """:meth:`teacher_forced` with each score's request (its reply and history). The replies of a lockstep group
+        are scored together once the group is done (a judge is then asked about all of them in parallel)."""
+
+        def replace_reply(member: Responder, e: ExpectedTurn, reply: Reply, last: bool) -> list[Part]:
+            if not last:  # the last reply needs no true replacement
+                member.retract()
+                member.add_turn(Role.ASSISTANT, e.reply)
+            return e.reply
+
+        per_dialogue = self._replay(responder, keep=replace_reply, stop_at_failure=False, desc="teacher-forced",
+                                    progress=progress)  # fmt: skip
+        return [t for turns in per_dialogue for t in turns]
+
+    def free_running(self, responder: Responder, *, progress: bool = False) -> list[FreeRun]:
+        """Run every dialogue with the model's own replies in the history, stopping at its first failure."""
+        return [run for run, _ in self.free_running_turns(responder, progress=progress)]
+
+    def free_running_turns(
+        self, responder: Responder, *, progress: bool = False
+    ) -> list[tuple[FreeRun, list[ScoredTurn]]]:
+        """:meth:`free_running` with each dialogue's scored turns (replies and histories)."""
+
+        def keep_own(member: Responder, e: ExpectedTurn, reply: Reply, last: bool) -> list[Part]:
+            return reply.parts
+
+        per_dialogue = self._replay(responder, keep=keep_own, stop_at_failure=True, desc="free-running",
+                                    progress=progress)  # fmt: skip
+        out = []
+        for turns, scored in zip(self.expected, per_dialogue):
+            run = FreeRun(dialogue_id=turns[0].dialogue_id, num_turns=len(turns))
+            run.turns.extend(t.score for t in scored)
+            if not scored[-1].score.success:
+                run.first_failure = scored[-1].score.index
+            out.append((run, scored))
+        return out
+
+    def _replay(
+        self,
+        responder: Responder,
+        *,
+        keep: Callable[[Responder, ExpectedTurn, Reply, bool], list[Part]],
+        stop_at_failure: bool,
+        desc: str,
+        progress: bool,
+    ) -> list[list[ScoredTurn]]:
+        """Every dialogue exchange by exchange: add the true user turn, reply, then ``keep(responder, expected, reply,
+        is_last)`` leaves the history as the protocol wants it and returns the assistant turn now in it. With
+        ``stop_at_failure`` each exchange's replies are scored at once and a dialogue stops at its first failure;
+        otherwise the group's replies are scored together at its end. Returns the scored turns per dialogue.
+
+        A :class:`ChatSessionResponder` runs ``batch_size`` dialogues in lockstep (itself plus partners from
+        :meth:`~.responders.ChatSessionResponder.spawn`), every exchange's replies together; a dialogue that ends drops
+        out. Each dialogue sees exactly the calls it would see alone, so the scores are the same.
+        """
+        from tqdm.auto import tqdm
+
+        together = isinstance(responder, ChatSessionResponder) and self.batch_size > 1
+        size = self.batch_size if together else 1
+        team: list[Responder] = [responder]
+        results: list[list[ScoredTurn]] = []
+        with tqdm(total=len(self.expected), desc=desc, unit="dlg", disable=not progress) as bar:
+            for start in range(0, len(self.expected), size):
+                group = self.expected[start : start + size]
+                while len(team) < len(group):
+                    team.append(responder.spawn())  # type: ignore[attr-defined]  (together: a ChatSessionResponder)
+                histories: list[list[tuple[Role, tuple[Part, ...]]]] = [[] for _ in group]
+                requests: list[list[ScoreRequest]] = [[] for _ in group]
+                scored: list[list[ScoredTurn]] = [[] for _ in group]
+                for member, turns in zip(team, group):
+                    member.start(turns[0].dialogue_id)
+                active, j = list(range(len(group))), 0
+                while active:
+                    exchange = [group[d][j] for d in active]
+                    for d, e in zip(active, exchange):
+                        team[d].add_turn(Role.USER, e.user)
+                    seeds = [self.turn_seed(e.dialogue_id, e.index) for e in exchange]
+                    if together:
+                        replies = ChatSessionResponder.respond_together([team[d] for d in active], seeds=seeds)
+                    else:
+                        replies = [team[d].respond(seed=seed) for d, seed in zip(active, seeds)]
+                    now = []
+                    for d, e, reply in zip(active, exchange, replies):
+                        now.append(ScoreRequest(expected=e, reply=reply, history=tuple(histories[d])))
+                        last = j + 1 == len(group[d])
+                        kept = keep(team[d], e, reply, last)
+                        histories[d] += [(Role.USER, tuple(e.user)), (Role.ASSISTANT, tuple(kept))]
+                    if stop_at_failure:
+                        scores = self.scorer.score_many(now)
+                        for d, r, s in zip(active, now, scores):
+                            scored[d].append(ScoredTurn(request=r, score=s))
+                        still = [d for d, s in zip(active, scores) if s.success and j + 1 < len(group[d])]
+                    else:
+                        for d, r in zip(active, now):
+                            requests[d].append(r)
+                        still = [d for d in active if j + 1 < len(group[d])]
+                    active, j = still, j + 1
+                if not stop_at_failure:
+                    flat = [r for rs in requests for r in rs]
+                    scores = iter(self.scorer.score_many(flat))
+                    scored = [[ScoredTurn(request=r, score=next(scores)) for r in rs] for rs in requests]
+                results.extend(scored)
+                bar.update(len(group))
+        return results
+
+
+class ContextTrackingBenchmark(DialogueReplay):
+    """The exact ShapesChat benchmark: :class:`DialogueReplay` of held-out dialogues with the
+    :class:`~.scoring.ShapesExactScorer` (protocol in the module docstring).
 
     Args:
         samples: the dialogues (synthesized, with ground truth in their metadata); the first
@@ -173,7 +337,12 @@ class ContextTrackingBenchmark:
         self.samples = list(itertools.islice(samples, settings.max_dialogues))
         if not self.samples:
             raise ValueError("ContextTrackingBenchmark: no dialogues to evaluate")
-        self.expected: list[list[ExpectedTurn]] = [expected_turns(s, self.world) for s in self.samples]
+        super().__init__(
+            expected=[expected_turns(s, self.world) for s in self.samples],
+            scorer=ShapesExactScorer(world=self.world, image_success_threshold=settings.image_success_threshold),
+            seed=settings.seed,
+            batch_size=settings.batch_size,
+        )
 
     @classmethod
     def from_shards(
@@ -186,100 +355,6 @@ class ContextTrackingBenchmark:
 
     def summary(self) -> DatasetSummary:
         return DatasetSummary.from_turns(self.expected, [s.dialogue.id for s in self.samples])
-
-    def turn_seed(self, dialogue_id: str, index: int) -> int:
-        """The seed of the reply to exchange ``index`` of ``dialogue_id`` (stable across runs and processes)."""
-        return zlib.crc32(f"{self.settings.seed}:{dialogue_id}:{index}".encode()) & 0x7FFFFFFF
-
-    def teacher_forced(self, responder: Responder, *, progress: bool = False) -> list[TurnScore]:
-        """Score every assistant turn with the true history before it."""
-
-        def replace_reply(member: Responder, e: ExpectedTurn, score: TurnScore, last: bool) -> bool:
-            if not last:  # the last reply needs no true replacement
-                member.retract()
-                member.add_turn(Role.ASSISTANT, e.reply)
-            return True
-
-        per_dialogue = self._run_dialogues(
-            responder, after_reply=replace_reply, desc="teacher-forced", progress=progress
-        )
-        return [score for scores in per_dialogue for score in scores]
-
-    def free_running(self, responder: Responder, *, progress: bool = False) -> list[FreeRun]:
-        """Run every dialogue with the model's own replies in the history, stopping at its first failure."""
-
-        def until_failure(member: Responder, e: ExpectedTurn, score: TurnScore, last: bool) -> bool:
-            return score.success
-
-        per_dialogue = self._run_dialogues(responder, after_reply=until_failure, desc="free-running", progress=progress)
-        runs: list[FreeRun] = []
-        for turns, scores in zip(self.expected, per_dialogue):
-            run = FreeRun(dialogue_id=turns[0].dialogue_id, num_turns=len(turns))
-            run.turns.extend(scores)
-            if not scores[-1].success:
-                run.first_failure = scores[-1].index
-            runs.append(run)
-        return runs
-
-    def _run_dialogues(
-        self,
-        responder: Responder,
-        *,
-        after_reply: Callable[[Responder, ExpectedTurn, TurnScore, bool], bool],
-        desc: str,
-        progress: bool,
-    ) -> list[list[TurnScore]]:
-        """Every dialogue exchange by exchange: add the true user turn, reply, score, then
-        ``after_reply(responder, expected, score, is_last)`` says whether the dialogue goes on. Returns the scores per
-        dialogue, in order.
-
-        A :class:`ChatSessionResponder` runs ``settings.batch_size`` dialogues in lockstep (itself plus partners from
-        :meth:`~.responders.ChatSessionResponder.spawn`), every exchange's replies together; a dialogue that ends drops
-        out. Each dialogue sees exactly the calls it would see alone, so the scores are the same.
-        """
-        from tqdm.auto import tqdm
-
-        together = isinstance(responder, ChatSessionResponder) and self.settings.batch_size > 1
-        size = self.settings.batch_size if together else 1
-        team: list[Responder] = [responder]
-        results: list[list[TurnScore]] = []
-        with tqdm(total=len(self.expected), desc=desc, unit="dlg", disable=not progress) as bar:
-            for start in range(0, len(self.expected), size):
-                group = self.expected[start : start + size]
-                while len(team) < len(group):
-                    team.append(responder.spawn())  # type: ignore[attr-defined]  (together: a ChatSessionResponder)
-                scores: list[list[TurnScore]] = [[] for _ in group]
-                for member, turns in zip(team, group):
-                    member.start(turns[0].dialogue_id)
-                active, j = list(range(len(group))), 0
-                while active:
-                    exchange = [group[d][j] for d in active]
-                    for d, e in zip(active, exchange):
-                        team[d].add_turn(Role.USER, e.user)
-                    seeds = [self.turn_seed(e.dialogue_id, e.index) for e in exchange]
-                    if together:
-                        replies = ChatSessionResponder.respond_together([team[d] for d in active], seeds=seeds)
-                    else:
-                        replies = [team[d].respond(seed=seed) for d, seed in zip(active, seeds)]
-                    still = []
-                    for d, e, reply in zip(active, exchange, replies):
-                        score = self._score(e, reply)
-                        scores[d].append(score)
-                        last = j + 1 == len(group[d])
-                        if after_reply(team[d], e, score, last) and not last:
-                            still.append(d)
-                    active, j = still, j + 1
-                results.extend(scores)
-                bar.update(len(group))
-        return results
-
-    def _score(self, expected: ExpectedTurn, reply: Reply) -> TurnScore:
-        return score_turn(
-            expected=expected,
-            reply=reply,
-            world=self.world,
-            image_success_threshold=self.settings.image_success_threshold,
-        )
 
     def evaluate(
         self, name: str, responder: Responder, *, source: Mapping[str, Any] | None = None, progress: bool = False

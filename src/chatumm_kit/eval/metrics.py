@@ -56,6 +56,7 @@ from chatumm_kit.eval.turns import ExpectedTurn, Reply
 __all__ = [
     "METRICS",
     "IMAGE_METRICS",
+    "JUDGED_METRICS",
     "TurnScore",
     "score_turn",
     "MetricStat",
@@ -75,8 +76,29 @@ IMAGE_METRICS = (
     "image_size",
     "image_position",
 )
-METRICS = ("success", "intent", "vqa", "caption", "caption_attr", "chat", "interleaved_text", *IMAGE_METRICS)
-"""Every metric a :class:`Breakdown` can hold, in report order."""
+JUDGED_METRICS = (
+    "reply_quality",
+    "edit_semantic",
+    "edit_quality",
+    "edit_overall",
+    "t2i_adherence",
+    "judge_failed",
+)
+"""Metrics of judged turns (:mod:`.scoring`): judge scores scaled to [0, 1], and the share of turns left unjudged."""
+METRICS = (
+    "success",
+    "intent",
+    "vqa",
+    "caption",
+    "caption_attr",
+    "chat",
+    "interleaved_text",
+    "answer",
+    *IMAGE_METRICS,
+    *JUDGED_METRICS,
+)
+"""Every metric a :class:`Breakdown` can hold, in report order (``answer``: an understanding benchmark's exact
+answer, :mod:`.understanding`)."""
 
 _TEXT_SHOWN = 200  # characters of predicted/expected text kept per turn in the report
 
@@ -115,6 +137,9 @@ class TurnScore:
         success: everything expected is right.
         expected_text, predicted_text: the texts (truncated), for reading the report.
         detected: the canonical caption of the scene detected in the first generated image, if any.
+        extracted: what an answer-extraction rule read from the reply (an option letter, ``yes``/``no``), if any.
+        judged: judged metrics of the turn (name in :data:`JUDGED_METRICS` → value in [0, 1]), if judged.
+        verdict: the judge's :class:`~.judge.Verdict` as a dict (scores, reason or error), if judged.
     """
 
     dialogue_id: str
@@ -133,6 +158,9 @@ class TurnScore:
     expected_text: str | None = None
     predicted_text: str = ""
     detected: str | None = None
+    extracted: str | None = None
+    judged: dict[str, float] | None = None
+    verdict: dict[str, Any] | None = None
 
     @property
     def distance_key(self) -> str:
@@ -156,6 +184,8 @@ class TurnScore:
                 image_size=s.size,
                 image_position=s.position,
             )
+        if self.judged:
+            out.update(self.judged)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +206,10 @@ class TurnScore:
             "expected_text": self.expected_text,
             "predicted_text": self.predicted_text,
             "detected": self.detected,
+            # exact benchmarks leave these out, so their reports stay as they were
+            **({"extracted": self.extracted} if self.extracted is not None else {}),
+            **({"judged": dict(self.judged)} if self.judged is not None else {}),
+            **({"verdict": dict(self.verdict)} if self.verdict is not None else {}),
         }
 
     @classmethod

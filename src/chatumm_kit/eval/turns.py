@@ -24,7 +24,16 @@ import torch
 from chatumm_kit.data.dialogue import DialogueSample, ImageSegment, Role, TextSegment, Turn
 from chatumm_kit.data.shapes import Scene, WorldConfig, parse_caption
 
-__all__ = ["Part", "Reply", "ExpectedTurn", "expected_turns", "modality_of", "OUTPUTS", "NO_OUTPUT"]
+__all__ = [
+    "Part",
+    "Reply",
+    "ExpectedTurn",
+    "expected_turns",
+    "reference_turns",
+    "modality_of",
+    "OUTPUTS",
+    "NO_OUTPUT",
+]
 
 Part = str | torch.Tensor
 """One segment of a turn: a text string or a ``uint8 [3, H, W]`` image."""
@@ -85,6 +94,8 @@ class ExpectedTurn:
         target: the scene of the expected output image, if the turn should produce one.
         user: the user turn's parts (images as pixels), in order.
         reply: the true assistant turn's parts, in order (what teacher forcing replays into the history).
+        category: the benchmark's category of the item (per-category tables), if it has one.
+        meta: benchmark-specific facts a scorer needs (an item's options, its image group), JSON-able.
     """
 
     dialogue_id: str
@@ -98,6 +109,8 @@ class ExpectedTurn:
     target: Scene | None
     user: list[Part]
     reply: list[Part]
+    category: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def distance_key(self) -> str:
@@ -117,6 +130,68 @@ def _scene_of_image(meta: Mapping[str, Any], key: str) -> Scene | None:
     return Scene.from_dict(truth["scene"]) if "scene" in truth else None
 
 
+def _check_alternation(d) -> None:
+    turns = d.turns
+    if len(turns) % 2 or any(t.role is not (Role.USER if i % 2 == 0 else Role.ASSISTANT) for i, t in enumerate(turns)):
+        raise ValueError(
+            f"dialogue {d.id!r}: the benchmark needs alternating user/assistant turns starting with the user, got "
+            f"{[t.role.value for t in turns]}"
+        )
+
+
+def _inferred_task(user: Sequence[Part], reply: Sequence[Part]) -> str:
+    """The task of an untagged exchange, from what goes in and out: a picture out is ``edit`` when one came in and
+    ``generate`` otherwise; words out are ``understand`` when a picture came in and ``chat`` otherwise."""
+    picture_in = any(isinstance(p, torch.Tensor) for p in user)
+    if any(isinstance(p, torch.Tensor) for p in reply):
+        return "edit" if picture_in else "generate"
+    return "understand" if picture_in else "chat"
+
+
+def reference_turns(sample: DialogueSample) -> list[ExpectedTurn]:
+    """One :class:`ExpectedTurn` per exchange of **any** dialogue (your own, imported or synthesised), the reference
+    being the dialogue's own assistant turn: no world, no ground-truth scenes (``target`` and ``answer_scene`` are
+    None), so replies are judged (:class:`~.scoring.JudgedReplyScorer`) rather than scored exactly.
+
+    Taxonomy tags are used when the synthesis pipeline left them (``task``, ``output``, ``distance``, ``category``);
+    otherwise ``output`` is the reference turn's modality, ``task`` is inferred from what goes in and out
+    (:func:`_inferred_task`) and ``distance`` is None.
+
+    Raises:
+        ValueError: naming the dialogue and turn, for a dialogue that is not a user/assistant alternation or an empty
+            assistant turn.
+    """
+    d = sample.dialogue
+    _check_alternation(d)
+    out = []
+    for j in range(len(d.turns) // 2):
+        user, assistant = d.turns[2 * j], d.turns[2 * j + 1]
+        user_parts, reply_parts = _parts(user, sample.images), _parts(assistant, sample.images)
+        tags = assistant.meta.get("tags") if isinstance(assistant.meta.get("tags"), Mapping) else {}
+        output = str(tags.get("output") or modality_of(reply_parts))
+        if output not in OUTPUTS:
+            raise ValueError(f"dialogue {d.id!r} turn {2 * j + 1}: the reference reply is empty (nothing to judge)")
+        distance = tags.get("distance")
+        text = " ".join(p for p in reply_parts if isinstance(p, str))
+        out.append(
+            ExpectedTurn(
+                dialogue_id=d.id,
+                index=j,
+                task=str(tags.get("task") or _inferred_task(user_parts, reply_parts)),
+                output=output,
+                distance=None if distance is None else int(distance),
+                distractor=bool(assistant.meta.get("distractor", False)),
+                answer=text or None,
+                answer_scene=None,
+                target=None,
+                user=user_parts,
+                reply=reply_parts,
+                category=None if tags.get("category") is None else str(tags["category"]),
+            )
+        )
+    return out
+
+
 def expected_turns(sample: DialogueSample, world: WorldConfig) -> list[ExpectedTurn]:
     """One :class:`ExpectedTurn` per user → assistant exchange of a synthesized dialogue, in order.
 
@@ -126,11 +201,7 @@ def expected_turns(sample: DialogueSample, world: WorldConfig) -> list[ExpectedT
     """
     d = sample.dialogue
     turns = d.turns
-    if len(turns) % 2 or any(t.role is not (Role.USER if i % 2 == 0 else Role.ASSISTANT) for i, t in enumerate(turns)):
-        raise ValueError(
-            f"dialogue {d.id!r}: the benchmark needs alternating user/assistant turns starting with the user, got "
-            f"{[t.role.value for t in turns]}"
-        )
+    _check_alternation(d)
     out = []
     for j in range(len(turns) // 2):
         user, assistant = turns[2 * j], turns[2 * j + 1]
