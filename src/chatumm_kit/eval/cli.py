@@ -1,7 +1,16 @@
-"""``chatumm eval RECIPE [key=value ...]``: synthesise (or reuse) the held-out set, evaluate the recipe's models,
-write ``<output_dir>/eval_report.json`` and ``eval_report.png`` and print a summary table.
+"""``chatumm eval RECIPE [key=value ...]``: evaluate the recipe's models and write the report.
 
-An eval recipe (``recipes/shapes/eval.yaml``) has these top-level keys:
+A recipe with a ``tasks`` mapping is a **suite** (``recipes/eval/local_benchmarks.yaml``): any mix of
+:mod:`~chatumm_kit.eval.tasks` (MMBench, MME, POPE, generic JSONL, judged editing and text-to-image, judged
+multi-turn dialogues, ShapesChat) against every model, written by :func:`~chatumm_kit.eval.suite.run_suite` as
+``<output_dir>/report.json``, ``plots/*.png`` and ``report.html``. Its keys: ``models`` (as below), ``tasks`` (name →
+task node), ``judge`` (a :class:`~chatumm_kit.eval.judge.Judge` node; needed by judged tasks), ``settings``
+(optional :class:`~chatumm_kit.eval.suite.SuiteSettings`), ``prepare``, ``output_dir``. Run again after an
+interruption: the judge's cache answers every verdict already given.
+
+Otherwise it is the ShapesChat context-tracking benchmark: synthesise (or reuse) the held-out set, evaluate the
+recipe's models, write ``<output_dir>/eval_report.json`` and ``eval_report.png`` and print a summary table.
+Such a recipe (``recipes/shapes/eval.yaml``) has these top-level keys:
 
 * ``heldout`` — a :class:`~chatumm_kit.synth.SynthPipeline` node (run, or resumed, or found finished: its
   ``output_dir/index.json`` is the held-out set), or a plain path to existing shards;
@@ -29,7 +38,7 @@ from omegaconf import DictConfig
 
 from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, load_recipe, validate_recipe
 
-__all__ = ["add_arguments", "run", "run_eval", "summarise", "REPORT_STEM"]
+__all__ = ["add_arguments", "run", "run_eval", "run_suite_recipe", "summarise", "REPORT_STEM"]
 
 REPORT_STEM = "eval_report"
 
@@ -48,23 +57,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS):
-    """Run an eval recipe (keys in the module docstring); returns the :class:`~chatumm_kit.eval.BenchmarkReport`."""
-    from chatumm_kit.data.shapes import WorldConfig
-    from chatumm_kit.eval.benchmark import BenchmarkSettings, ModelSource, run_benchmark
-    from chatumm_kit.synth.pipeline import SynthPipeline
+def _models(cfg: DictConfig, allowed: frozenset[str]) -> dict:
+    """The recipe's ``models``: name → :class:`~chatumm_kit.eval.ModelSource` (checked to exist)."""
+    from chatumm_kit.eval.benchmark import ModelSource
 
-    allowed = frozenset(allowed_roots)
-    missing = [f"{k}: missing (an eval recipe needs it)" for k in ("heldout", "models") if k not in cfg]
-    if missing:
-        raise RecipeError(missing)
     if not isinstance(cfg.models, DictConfig) or not cfg.models:
         raise RecipeError("models: must be a non-empty mapping of name → ModelSource (or checkpoint path)")
-    output_dir = Path(str(cfg.get("output_dir") or "runs/eval"))
-
-    for i, step in enumerate(cfg.get("prepare") or []):
-        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
-
     models = {}
     for name in cfg.models:
         built = instantiate(cfg.models[name], allowed_roots=allowed, path=f"models.{name}")
@@ -77,6 +75,74 @@ def run_eval(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_
                 f"out with '~models.{name}'"
             )
         models[str(name)] = source
+    return models
+
+
+def run_suite_recipe(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS):
+    """Run a suite recipe (``tasks`` mapping; keys in the module docstring); returns the
+    :class:`~chatumm_kit.eval.suite.SuiteReport`."""
+    from chatumm_kit.eval.judge import Judge
+    from chatumm_kit.eval.suite import SuiteSettings, run_suite
+    from chatumm_kit.eval.tasks import EvalTask
+
+    allowed = frozenset(allowed_roots)
+    missing = [f"{k}: missing (a suite recipe needs it)" for k in ("models", "tasks") if k not in cfg]
+    if missing:
+        raise RecipeError(missing)
+    if not isinstance(cfg.tasks, DictConfig) or not cfg.tasks:
+        raise RecipeError("tasks: must be a non-empty mapping of name → task node (chatumm_kit.eval.tasks)")
+    output_dir = Path(str(cfg.get("output_dir") or "runs/eval"))
+    for i, step in enumerate(cfg.get("prepare") or []):
+        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
+    models = _models(cfg, allowed)
+    tasks = {}
+    for name in cfg.tasks:
+        task = instantiate(cfg.tasks[name], allowed_roots=allowed, path=f"tasks.{name}")
+        if not isinstance(task, EvalTask):
+            raise RecipeError(f"tasks.{name}: built {type(task).__name__}, expected a task of chatumm_kit.eval.tasks")
+        tasks[str(name)] = task
+    judge = None
+    if cfg.get("judge") is not None:
+        judge = instantiate(cfg.judge, allowed_roots=allowed, path="judge")
+        if not isinstance(judge, Judge):
+            raise RecipeError(f"judge: built {type(judge).__name__}, expected chatumm_kit.eval.Judge")
+    needing = [f"tasks.{n}: a judged task ({t.kind}); the recipe needs a 'judge' node" for n, t in tasks.items()
+               if t.needs_judge and judge is None]  # fmt: skip
+    if needing:
+        raise RecipeError(needing)
+    settings = SuiteSettings()
+    if cfg.get("settings") is not None:
+        settings = instantiate(cfg.settings, allowed_roots=allowed, path="settings")
+        if not isinstance(settings, SuiteSettings):
+            raise RecipeError(f"settings: built {type(settings).__name__}, expected chatumm_kit.eval.SuiteSettings")
+    report = run_suite(models=models, tasks=tasks, judge=judge, settings=settings, output_dir=output_dir,
+                       progress=True)  # fmt: skip
+    print(report.summary_table())
+    if judge is not None:
+        st = judge.runner.stats
+        print(f"judge: {st.calls} calls, {st.cache_hits} answered from the cache")
+    print(f"eval: report: {output_dir / 'report.json'}; page: {output_dir / 'report.html'}")
+    return report
+
+
+def run_eval(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS):
+    """Run an eval recipe (keys in the module docstring); returns the :class:`~chatumm_kit.eval.BenchmarkReport`
+    (or, for a suite recipe, the :class:`~chatumm_kit.eval.suite.SuiteReport`)."""
+    from chatumm_kit.data.shapes import WorldConfig
+    from chatumm_kit.eval.benchmark import BenchmarkSettings, run_benchmark
+    from chatumm_kit.synth.pipeline import SynthPipeline
+
+    if "tasks" in cfg:
+        return run_suite_recipe(cfg, allowed_roots=allowed_roots)
+    allowed = frozenset(allowed_roots)
+    missing = [f"{k}: missing (an eval recipe needs it)" for k in ("heldout", "models") if k not in cfg]
+    if missing:
+        raise RecipeError(missing)
+    output_dir = Path(str(cfg.get("output_dir") or "runs/eval"))
+
+    for i, step in enumerate(cfg.get("prepare") or []):
+        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
+    models = _models(cfg, allowed)
 
     world = instantiate(cfg.world, allowed_roots=allowed, path="world") if cfg.get("world") is not None else None
     if world is not None and not isinstance(world, WorldConfig):
