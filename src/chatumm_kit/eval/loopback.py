@@ -10,7 +10,7 @@ answers, in order).
 
 :func:`scripted_verdict`'s rules, by prompt (recognised from the rendered template):
 
-* ``reply_quality`` — ``score = (2 * k + 1) % 11`` where ``k`` is the number of user turns in the history shown;
+* ``reply_quality`` — ``score = (7 + 2 * k) % 11`` where ``k`` is the number of user turns in the history shown;
 * ``gedit`` — ``semantic_consistency = len(instruction) % 11``, ``perceptual_quality = (3 * len(instruction)) % 11``;
 * ``t2i_adherence`` — ``score = len(prompt) % 11``.
 
@@ -54,7 +54,7 @@ def scripted_verdict(messages: list[dict[str, Any]]) -> dict[str, Any]:
         return {"score": len(prompt) % 11, "reason": f"prompt of {len(prompt)} characters"}
     history = text.split("The user's latest turn:")[0]
     k = history.count("\nUser: ") + history.startswith("User: ")
-    return {"score": (2 * k + 1) % 11, "reason": f"{k} user turns before this one"}
+    return {"score": (7 + 2 * k) % 11, "reason": f"{k} user turns before this one"}
 
 
 class LoopbackJudgeServer:
@@ -131,6 +131,12 @@ class LoopbackJudgeServer:
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) or was killed
             pass
+
+    def release(self) -> None:
+        """Stop holding requests (``block_after``): held ones end unanswered, later ones are answered."""
+        with self._lock:
+            self.block_after = None
+        self._release.set()
 
     def close(self) -> None:
         self._release.set()
