@@ -103,3 +103,9 @@ def test_500s_and_timeouts_become_recorded_backend_errors_and_are_retried_next_t
         judge = Judge(backend=b)
         (v,) = judge.verdicts("t2i_adherence", [t2i_content(judge, "x")])
         assert v.error.startswith("backend: ") and "timed out" in v.error and b.stats.timeouts == 1
+
+
+def test_the_shipped_suite_recipe_validates():
+    from chatumm_kit.cli import main
+
+    assert main(["validate", "eval/local_benchmarks"]) == 0
