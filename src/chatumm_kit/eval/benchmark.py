@@ -1,4 +1,12 @@
-"""The exact multi-turn context-tracking benchmark on held-out ShapesChat dialogues (SPEC §7, ARCHITECTURE.md).
+"""The replay of dialogues (:class:`DialogueReplay`) and its exact instance, the multi-turn context-tracking benchmark
+on held-out ShapesChat dialogues (:class:`ContextTrackingBenchmark`; SPEC §7, ARCHITECTURE.md).
+
+:class:`DialogueReplay` runs the protocol below over any exchanges with any :class:`~.scoring.TurnScorer`: the
+ShapesChat benchmark uses the exact :class:`~.scoring.ShapesExactScorer`; the judged multi-turn benchmark on your own
+dialogues (:class:`~.tasks.DialogueBench`) uses :class:`~.scoring.JudgedReplyScorer`; the single-turn benchmarks of
+:mod:`.tasks` replay one-exchange items. Under teacher forcing the replies of a lockstep group are scored together
+when the group is done (a judge is then asked about them in parallel); free-running, each exchange's replies are
+scored at once, since the next exchange depends on them.
 
 **Data.** Dialogues from the synthesis pipeline with held-out phrasings, task seeds no training recipe uses, and
 chains longer than any training dialogue (``recipes/shapes/eval.yaml``). Every assistant turn carries its ground
@@ -8,8 +16,8 @@ truth and its taxonomy tags (``synth/draft.py``); :func:`~.turns.expected_turns`
 file order (the first ``max_dialogues``):
 
 1. *Teacher-forced history* — per dialogue, walk the exchanges in order: add the true user turn, let the model
-   ``respond``, score the reply (:func:`~.metrics.score_turn`), then ``retract`` it and add the **true** assistant
-   turn (its true images as pixels) before the next exchange. Every turn is thus scored on its own, conditioned on
+   ``respond``, score the reply (the scorer; here :func:`~.metrics.score_turn`), then ``retract`` it and add the
+   **true** assistant turn (its true images as pixels) before the next exchange. Every turn is thus scored on its own, conditioned on
    the correct history, which is what makes accuracy *by dependency distance* meaningful (a failure at distance 8 is
    a failure to use a picture 8 unrelated exchanges back, not the echo of an earlier mistake). Aggregated overall,
    by distance (``none``, 0, 1, 2, 4, 8 — the ``distance`` tag), by turn index and by task.

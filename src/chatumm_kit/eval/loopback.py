@@ -57,6 +57,11 @@ def scripted_verdict(messages: list[dict[str, Any]]) -> dict[str, Any]:
     return {"score": (7 + 2 * k) % 11, "reason": f"{k} user turns before this one"}
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default listen backlog (5) drops concurrent connects into 1 s SYN retries
+    daemon_threads = True
+
+
 class LoopbackJudgeServer:
     """A chat-completions judge on ``127.0.0.1`` (module docstring); use as a context manager or call
     :meth:`close`."""
@@ -87,8 +92,7 @@ class LoopbackJudgeServer:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 owner._handle(self, body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
