@@ -1,4 +1,4 @@
-"""A self-contained ``report.html`` for a :class:`~.suite.SuiteReport`: every picture and plot embedded as a
+"""A self-contained ``report.html`` for a :class:`~.suite.SuiteReport` (given as its dict): every picture and plot embedded as a
 ``data:`` URL, nothing fetched.
 
 Per task: the main metrics (one row per model), its plot, the per-category tables side by side, then the first
@@ -8,7 +8,7 @@ each model beside the others its reply, whether it succeeded, what was extracted
 page has loaded (``k`` pictures decoded out of ``n``), which the tests read back from headless Chromium.
 
 Example:
-    >>> Path("runs/eval/report.html").write_text(render_html(report, Path("runs/eval")))   # doctest: +SKIP
+    >>> Path("runs/eval/report.html").write_text(render_html(report.to_dict(), Path("runs/eval")))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from chatumm_kit.eval.suite import SuiteReport
+from chatumm_kit.eval.tasks import MAIN_METRICS
 
 __all__ = ["render_html"]
 
@@ -174,16 +174,15 @@ def _dialogues(results: dict[str, Any], limit: int, embed: _Embedder) -> str:
     return "".join(out)
 
 
-def render_html(report: SuiteReport, root: Path) -> str:
-    """The page (module docstring); pictures are read from ``root`` (the report's folder)."""
-    from chatumm_kit.eval.suite import MAIN_METRICS
-
+def render_html(report: Mapping[str, Any], root: Path) -> str:
+    """The page (module docstring) of a report as ``SuiteReport.to_dict()`` gives it; pictures are read from ``root``
+    (the report's folder)."""
     embed = _Embedder(Path(root))
-    limit = int(report.settings.get("html_max_items", 20))
+    limit = int(report["settings"].get("html_max_items", 20))
     body = ["<h1>chatumm_kit evaluation</h1>",
-            f'<p class="meta">models: {_e(", ".join(report.models))}; judge: '
-            f"{_e(json.dumps(report.judge) if report.judge else 'none')}</p>"]  # fmt: skip
-    for name, task in report.tasks.items():
+            f'<p class="meta">models: {_e(", ".join(report["models"]))}; judge: '
+            f"{_e(json.dumps(report['judge']) if report['judge'] else 'none')}</p>"]  # fmt: skip
+    for name, task in report["tasks"].items():
         results = task["results"]
         body.append(f"<h2>{_e(name)} <span class='meta'>({_e(task['kind'])})</span></h2>")
         body.append(_metrics_table(results, MAIN_METRICS.get(task["kind"], ())))

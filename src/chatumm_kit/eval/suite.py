@@ -39,23 +39,11 @@ from chatumm_kit.data.shapes import WorldConfig
 from chatumm_kit.eval.benchmark import DEFAULT_BATCH_SIZE, ModelLike, ScoredTurn, _as_responder
 from chatumm_kit.eval.judge import Judge
 from chatumm_kit.eval.responders import ReplySettings
-from chatumm_kit.eval.tasks import EvalTask, RunContext, TaskResult
+from chatumm_kit.eval.tasks import MAIN_METRICS, EvalTask, RunContext, TaskResult
 from chatumm_kit.eval.turns import Part
 from chatumm_kit.synth.records import encode_png
 
 __all__ = ["SuiteSettings", "SuiteReport", "ImageStore", "run_suite", "MAIN_METRICS"]
-
-MAIN_METRICS: dict[str, tuple[str, ...]] = {
-    "mmbench": ("circular_acc", "vanilla_acc"),
-    "mme": ("acc",),
-    "pope": ("accuracy", "precision", "recall", "f1", "yes_ratio"),
-    "vqa_jsonl": ("circular_acc", "vanilla_acc", "accuracy"),
-    "edit": ("edit_semantic", "edit_quality", "edit_overall"),
-    "t2i": ("t2i_adherence",),
-    "dialogue": ("intent", "reply_quality", "success", "judge_failed"),
-    "shapes_chat": ("intent", "success", "vqa", "image_attr"),
-}
-"""The metrics each task kind plots and the HTML summary shows first."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +165,7 @@ class SuiteReport:
         for name, task in self.tasks.items():
             written[f"plot:{name}"] = self.plot(name, task, out / "plots" / f"{name}.png")
         html = out / "report.html"
-        html.write_text(render_html(self, out), encoding="utf-8")
+        html.write_text(render_html(self.to_dict(), out), encoding="utf-8")
         written["html"] = html
         return written
 
@@ -254,7 +242,7 @@ def run_suite(
     if judged and judge is None:
         raise ValueError(f"run_suite: tasks {judged} are judged; give a judge")
     store = ImageStore(output_dir)
-    world = WorldConfig(image_size=settings.image_side)  # the stream settings of session_config_for
+    world = WorldConfig(image_size=settings.image_side)  # responders use SessionConfig.for_model at this size
     context = RunContext(seed=settings.seed, batch_size=settings.batch_size, judge=judge, progress=progress)
     out_tasks: dict[str, dict[str, Any]] = {n: {"kind": t.kind, "results": {}} for n, t in tasks.items()}
     sources: dict[str, Any] = {}

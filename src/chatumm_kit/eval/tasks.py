@@ -57,6 +57,7 @@ from chatumm_kit.eval.understanding import (
 )
 
 __all__ = [
+    "MAIN_METRICS",
     "RunContext",
     "TaskResult",
     "EvalTask",
@@ -69,6 +70,19 @@ __all__ = [
     "DialogueBench",
     "ShapesChat",
 ]
+
+
+MAIN_METRICS: dict[str, tuple[str, ...]] = {
+    "mmbench": ("circular_acc", "vanilla_acc"),
+    "mme": ("acc",),
+    "pope": ("accuracy", "precision", "recall", "f1", "yes_ratio"),
+    "vqa_jsonl": ("circular_acc", "vanilla_acc", "accuracy"),
+    "edit": ("edit_semantic", "edit_quality", "edit_overall"),
+    "t2i": ("t2i_adherence",),
+    "dialogue": ("intent", "reply_quality", "success", "judge_failed"),
+    "shapes_chat": ("intent", "success", "vqa", "image_attr"),
+}
+"""The metrics each task kind plots and the HTML summary shows first."""
 
 
 @dataclass(frozen=True, kw_only=True)
