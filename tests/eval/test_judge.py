@@ -85,9 +85,9 @@ def test_garbage_is_recorded_never_guessed(tmp_path):
         assert v.scores is None and v.reason is None and v.error == "unparseable:malformed_json"
         assert len(v.attempts) == 2 and all("malformed_json" in a for a in v.attempts)
         assert v.raw == "Honestly I'd rate this one a solid 7/10, nice work!"  # not read as a 7
-        assert server.hits == 2 and len(cache) == 2  # both raw answers kept
-        judge.verdicts("t2i_adherence", [t2i_content(judge, "a red circle")])
-        assert server.hits == 2  # a rerun replays the same answers from the cache
+        assert server.hits == 2 and len(cache) == 2  # both raw answers kept, marked rejected
+        (again,) = judge.verdicts("t2i_adherence", [t2i_content(judge, "a red circle")])
+        assert server.hits == 4 and again == v  # rejected answers are not replayed: a rerun asks the judge again
 
 
 def test_500s_and_timeouts_become_recorded_backend_errors_and_are_retried_next_time(tmp_path):

@@ -341,3 +341,29 @@ def test_report_html_renders_in_headless_chromium_with_every_picture(suite_run, 
         lo, hi = grey.getextrema()
         colours = len(set(im.convert("RGB").getdata()))
     assert hi - lo > 100 and colours > 20  # text, tables and pictures, not a blank page
+
+
+def test_shapes_chat_as_a_suite_task_gives_the_exact_benchmarks_numbers(suite_run, tmp_path):
+    from chatumm_kit.eval import (
+        BenchmarkSettings,
+        ModelSource,
+        ReplySettings,
+        ShapesChat,
+        SuiteSettings,
+        run_benchmark,
+        run_suite,
+    )
+    from chatumm_kit.inference.sampler import SamplerConfig
+
+    shards = str(Path(suite_run["ckpt"]).parents[2] / "data" / "train" / "index.json")
+    reply = ReplySettings(max_new_tokens=4, max_segments=2, temperature=1.0, sampler=SamplerConfig(num_steps=2))
+    model = ModelSource(checkpoint=str(suite_run["ckpt"]))
+    suite = run_suite(models={"m": model}, tasks={"shapes": ShapesChat(shards=shards, max_dialogues=3)},
+                      settings=SuiteSettings(image_side=32, reply=reply, batch_size=2), output_dir=tmp_path)  # fmt: skip
+    exact = run_benchmark(models={"m": model}, shards=shards,
+                          settings=BenchmarkSettings(max_dialogues=3, reply=reply, batch_size=2)).models["m"]  # fmt: skip
+    r = suite.tasks["shapes"]["results"]["m"]
+    assert [t["score"] for t in r["turns"]] == json.loads(json.dumps([t.to_dict() for t in exact.turns]))
+    assert r["extra"]["free_running"] == json.loads(json.dumps(exact.free_running.to_dict()))
+    assert r["metrics"]["success"] == exact.teacher_forced.overall.mean("success")
+    assert len(exact.turns) > 3 and (tmp_path / "report.html").is_file()

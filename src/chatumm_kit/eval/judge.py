@@ -9,8 +9,10 @@ and a digest of the file's text enter the cache key, so a changed prompt never r
 (:class:`JudgeOperation`, SPEC §6) run by :class:`~chatumm_kit.synth.runner.OpRunner` through any
 :class:`~chatumm_kit.synth.ops.Backend` — usually :class:`~chatumm_kit.synth.backends.OpenAIChatBackend` (bounded
 concurrency, client-side rate limit, timeouts, retries of 429/5xx with backoff, pictures sent as ``data:`` URLs) —
-with its sqlite :class:`~chatumm_kit.synth.cache.AnswerCache`. Every raw answer is cached, so an interrupted
-evaluation resumes without asking the judge anything twice. :class:`Judge` fans requests out over threads.
+with its sqlite :class:`~chatumm_kit.synth.cache.AnswerCache` (keyed by prompt, version, content, endpoint and judge
+model). Every raw answer is stored; accepted verdicts are replayed, so an interrupted evaluation resumes without asking
+the judge again for any verdict it gave, while a rejected answer is asked again on a rerun (the cache's rule: only
+accepted answers replay). :class:`Judge` fans requests out over threads.
 
 **Strict parsing, nothing guessed.** A verdict must be exactly one JSON object (optionally in one ```json fence) with
 the prompt's score keys as integers in range and a non-empty ``reason`` string — ``7.5``, ``"7"``, ``11``, a missing

@@ -2,7 +2,8 @@
 
 :func:`run_suite` loads each model once, runs every task (:mod:`.tasks`) on it, and gathers a :class:`SuiteReport`.
 Judged calls go through the :class:`~.judge.Judge` and its sqlite cache, so a killed run, run again, asks the judge
-nothing it already answered (model replies are recomputed: they are deterministic per seed). Pictures (inputs and
+for no verdict it already gave (model replies are recomputed: they are deterministic per seed; answers the judge got
+wrong — unparseable — are asked again). Pictures (inputs and
 model outputs) are written once each, by content digest, under ``<output_dir>/images/``; ``report.json`` refers to
 them, and ``report.html`` embeds them as ``data:`` URLs so the page stands alone (:mod:`.html_report`).
 
