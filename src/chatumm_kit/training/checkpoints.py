@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from chatumm_kit.training.ema import EMA_CALLBACK_MARKER, EMA_KEY_PREFIX
+from chatumm_kit.training.resume import describe_load_error, unreadable_message
 
 __all__ = [
     "StateDictMismatchError",
@@ -105,13 +106,8 @@ def _read_file(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-    except Exception as err:  # weights_only refuses pickled objects (e.g. hyper-parameters held as configs)
-        if not weights_only:
-            raise
-        raise ValueError(
-            f"read_weights: {path} holds pickled objects that weights_only loading refuses ({err}); pass "
-            "weights_only=False if you trust the file"
-        ) from err
+    except Exception as err:  # damaged, or holding objects safe loading refuses: one line, and what else there is
+        raise ValueError(f"read_weights: {unreadable_message(path, describe_load_error(err))}") from None
     if not isinstance(ckpt, Mapping) or _MODEL_KEY not in ckpt:
         raise ValueError(f"read_weights: {path} is not a Lightning checkpoint (no {_MODEL_KEY!r} entry)")
     model = dict(ckpt[_MODEL_KEY])

@@ -31,6 +31,7 @@ from chatumm_kit.model import ChatUMM
 from chatumm_kit.presets import build_model, model_spec
 from chatumm_kit.training.checkpoints import is_sharded_checkpoint, read_weights
 from chatumm_kit.training.ema import EMA_CALLBACK_MARKER, EMA_KEY_PREFIX
+from chatumm_kit.training.resume import describe_load_error, unreadable_message
 
 __all__ = ["LoadedModel", "load_checkpoint", "checkpoint_hyperparameters", "checkpoint_has_ema"]
 
@@ -57,13 +58,12 @@ class LoadedModel:
 
 
 def _load_plain(path: Path) -> Mapping[str, Any]:
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(unreadable_message(path, "zero bytes"))
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # weights_only refuses pickled objects; say which file and why
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}: {err}); the benchmark "
-            "does not unpickle arbitrary objects"
-        ) from err
+    except Exception as err:  # damaged, or holding objects safe loading refuses: one line, and what else there is
+        raise ValueError(unreadable_message(path, describe_load_error(err))) from None
 
 
 def _metadata_of(checkpoint: Path) -> Mapping[str, Any]:

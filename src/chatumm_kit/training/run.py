@@ -10,7 +10,9 @@ A training recipe has these top-level keys:
 * ``system`` — the ``LightningModule``;
 * ``data`` — the ``LightningDataModule`` (optional when the system brings its own loaders);
 * ``trainer`` — keyword arguments of ``lightning.Trainer`` (a ``_component_`` node of its own is allowed too);
-* ``resume_from`` — ``null``, ``last`` (newest checkpoint in ``output_dir``) or a checkpoint path;
+* ``resume_from`` — ``null``, ``last`` (the newest readable checkpoint; an error when there is none),
+  ``last_or_fresh`` (the same, or a fresh run when there is none), a checkpoint path, or a folder of checkpoints
+  (:func:`chatumm_kit.training.resume.resolve_resume`);
 * ``report`` — steps built after training with the final ``checkpoint=`` path (e.g. the benchmark summary,
   :func:`chatumm_kit.eval.cli.summarise`).
 
@@ -28,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, to_yaml
+from chatumm_kit.training.resume import resolve_resume
 
 __all__ = ["TRAIN_KEYS", "TrainingResult", "run_training", "resolve_resume"]
 
@@ -51,24 +54,6 @@ def check_train_recipe(cfg: DictConfig) -> None:
     problems += [f"{k}: missing (a training recipe needs it)" for k in ("system", "trainer") if k not in cfg]
     if problems:
         raise RecipeError(problems)
-
-
-def resolve_resume(value: Any, checkpoint_dir: Path) -> str | None:
-    """``None`` → fresh run; ``"last"`` → newest ``*.ckpt`` under ``checkpoint_dir`` (fresh if none); else a path."""
-    if value in (None, "", False):
-        return None
-    if value == "last":
-        found = (
-            sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoint_dir.is_dir() else []
-        )
-        last = checkpoint_dir / "last.ckpt"
-        if last.exists():  # Lightning's save_last link/copy is the newest by definition
-            return str(last)
-        return str(found[-1]) if found else None
-    path = Path(str(value))
-    if not (path.is_file() or (path / "meta.pt").is_file()):  # a file, or a sharded (FSDP2) checkpoint folder
-        raise RecipeError(f"resume_from: checkpoint {str(path)!r} does not exist")
-    return str(path)
 
 
 def _build_trainer(node: Any, output_dir: Path, allowed: Iterable[str]):
