@@ -120,29 +120,34 @@ def _run_chat(args: argparse.Namespace) -> int:
 
     from chatumm_kit.inference.chat_loop import interactive, play_script
     from chatumm_kit.inference.sampler import SamplerConfig
-    from chatumm_kit.inference.session import ChatSession, SessionConfig
+    from chatumm_kit.inference.session import ChatSession, SessionConfig, check_reply_options
     from chatumm_kit.training.loading import load_checkpoint
 
+    # Settings and the script are checked before the (slow) checkpoint load: a typo costs one line, not a minute.
     try:
+        sampler = SamplerConfig(
+            num_steps=args.steps, cfg_text_scale=args.cfg_text, cfg_image_scale=args.cfg_image, seed=args.seed
+        )
+        respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        check_reply_options(top_p=1.0, max_segments=4, **respond_kwargs)
+        SessionConfig(image_size=tuple(args.image_size))
+        if args.script and not Path(args.script).is_file():
+            raise ValueError(f"no such script file: {args.script}")
         loaded = load_checkpoint(args.checkpoint, use_ema=False if args.no_ema else None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config = SessionConfig.for_model(loaded.model, image_size=tuple(args.image_size))
     session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config)
-    sampler = SamplerConfig(
-        num_steps=args.steps, cfg_text_scale=args.cfg_text, cfg_image_scale=args.cfg_image, seed=args.seed
-    )
     out = Path(args.out)
     if args.script:
         try:
-            replies = play_script(session, args.script, out=out, sampler=sampler)
+            replies, failed = play_script(session, args.script, out=out, sampler=sampler)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"replies: {replies}")
-        return 0
-    respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        print(f"replies: {replies}" + (f" ({failed} script line(s) failed, see above)" if failed else ""))
+        return 2 if failed else 0
     interactive(session, sampler=sampler, out=out, lines=sys.stdin, write=sys.stdout, respond_kwargs=respond_kwargs)
     return 0
 

@@ -61,7 +61,8 @@ def test_a_damaged_checkpoint_named_explicitly_is_one_line_with_the_one_beside_i
     assert len(err) == 1 and "is unreadable" in err[0] and "weights_only=False" not in err[0], err
     assert f"the newest readable checkpoint beside it is {run / 'checkpoints' / 'epoch=0-step=2.ckpt'}" in err[0]
     # chat names the same in one line
-    assert main(["chat", str(last), "--script", str(run / "none.jsonl")]) == 2
+    (run / "hi.jsonl").write_text('{"user": "hi"}\n')
+    assert main(["chat", str(last), "--script", str(run / "hi.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is unreadable" in err[0] and "epoch=0-step=2.ckpt" in err[0], err
 

@@ -69,7 +69,7 @@ def test_interactive_loop_attaches_images_rolls_back_and_quits(trained_checkpoin
     text = out.getvalue()
     assert f"attached {image}" in text
     assert "assistant" in text  # a text or an image reply was printed
-    assert "error: no such image: missing.png" in text
+    assert "error: no such image file: missing.png" in text
     assert "rolled back to before turn 0" in text
     assert session.num_turns == 0
 

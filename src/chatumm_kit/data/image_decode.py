@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageTooLargeError", "decode_rgb", "image_size"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageTooLargeError", "decode_rgb", "image_size", "load_rgb"]
 
 DEFAULT_MAX_PIXELS = 1 << 26  # 67 MP: above any camera photo; 200 MB as RGB
 
@@ -150,3 +150,16 @@ def _reduce(arr: np.ndarray, min_side: int) -> np.ndarray:
     if factor < 2:
         return arr
     return np.asarray(Image.fromarray(arr).reduce(factor))
+
+
+def load_rgb(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An image file → ``uint8 [3, H, W]`` RGB; a missing, unreadable or non-image file raises
+    :class:`ImageDecodeError` naming it (one line, for a user who typed a path)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageDecodeError(f"no such image file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_rgb(data, max_pixels=max_pixels, where=str(path))

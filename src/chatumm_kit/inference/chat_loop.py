@@ -20,23 +20,36 @@ Example:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from torchvision.io import ImageReadMode, read_image, write_png
+from torchvision.io import write_png
 
+from chatumm_kit.data.image_decode import ImageDecodeError, load_rgb
 from chatumm_kit.inference.sampler import SamplerConfig
-from chatumm_kit.inference.script import read_script, run_script
+from chatumm_kit.inference.script import play_line, read_script
 from chatumm_kit.inference.session import ChatSession
 
 __all__ = ["interactive", "play_script"]
 
 
+def _command(line: str, name: str) -> str | None:
+    """The argument of ``/name ARG`` (``""`` for a bare ``/name``), or ``None`` when ``line`` is another thing."""
+    if line == name:
+        return ""
+    return line[len(name) + 1 :].strip() if line.startswith(name + " ") else None
+
+
 def interactive(
     session: ChatSession, *, sampler: SamplerConfig, out: Path, lines: Iterable[str], write: TextIO, respond_kwargs
 ) -> None:
-    """The terminal loop over ``lines`` (stdin in the CLI; a list in tests)."""
+    """The terminal loop over ``lines`` (stdin in the CLI; a list in tests).
+
+    Every mistake — a missing or non-image file, a bad turn number, a folder that cannot be written, a reply that
+    fails — is one ``error:`` line, and the session goes on as it was.
+    """
     pending: list = []
     out.mkdir(parents=True, exist_ok=True)
     write.write("chat: type a message; /image PATH, /rollback N, /save DIR, /quit\n")
@@ -46,27 +59,39 @@ def interactive(
             continue
         if line == "/quit":
             break
-        if line.startswith("/image "):
-            path = Path(line[len("/image ") :].strip())
-            if not path.is_file():
-                write.write(f"error: no such image: {path}\n")
-                continue
-            pending.append(read_image(str(path), mode=ImageReadMode.RGB))
-            write.write(f"attached {path}\n")
-            continue
-        if line.startswith("/rollback "):
+        if (arg := _command(line, "/image")) is not None:
             try:
-                session.rollback(int(line.split()[1]))
-                write.write(f"rolled back to before turn {line.split()[1]}\n")
-            except (ValueError, IndexError) as e:
+                pending.append(load_rgb(arg))
+                write.write(f"attached {arg}\n")
+            except ImageDecodeError as e:
                 write.write(f"error: {e}\n")
             continue
-        if line.startswith("/save "):
-            write.write(f"saved to {session.save(line.split(maxsplit=1)[1])}\n")
+        if (arg := _command(line, "/rollback")) is not None:
+            try:
+                session.rollback(int(arg))
+                write.write(f"rolled back to before turn {arg}\n")
+            except (ValueError, IndexError) as e:
+                write.write(f"error: /rollback N takes a turn number in [0, {session.num_turns}): {e}\n")
             continue
-        session.add_user(text=line, images=pending)
+        if (arg := _command(line, "/save")) is not None:
+            try:
+                if not arg:
+                    raise ValueError("/save takes a folder")
+                write.write(f"saved to {session.save(arg)}\n")
+            except (OSError, ValueError) as e:
+                write.write(f"error: cannot save to {arg!r}: {getattr(e, 'strerror', None) or e}\n")
+            continue
+        if line.startswith("/"):
+            write.write(f"error: unknown command {line.split()[0]!r} (/image PATH, /rollback N, /save DIR, /quit)\n")
+            continue
+        turn = session.add_user(text=line, images=pending)
         pending = []
-        reply = session.respond(sampler=sampler, **respond_kwargs)
+        try:
+            reply = session.respond(sampler=sampler, **respond_kwargs)
+        except Exception as e:  # the session goes back to before this message and the chat goes on
+            session.rollback(turn)
+            write.write(f"error: the reply failed: {type(e).__name__}: {e}\n")
+            continue
         if reply.text:
             write.write(f"assistant: {reply.text}\n")
         for i, img in enumerate(reply.images):
@@ -76,17 +101,34 @@ def interactive(
         write.flush()
 
 
-def play_script(session: ChatSession, script: str | Path, *, out: Path, sampler: SamplerConfig) -> Path:
-    """Play a JSON-lines dialogue script (:mod:`chatumm_kit.inference.script`) through ``session``; write the images
-    and ``replies.jsonl`` into ``out``, print one line per reply, return the ``replies.jsonl`` path.
+def play_script(
+    session: ChatSession, script: str | Path, *, out: Path, sampler: SamplerConfig, errors: TextIO | None = None
+) -> tuple[Path, int]:
+    """Play a JSON-lines dialogue script (:mod:`chatumm_kit.inference.script`) through ``session``.
 
-    Raises ``ValueError`` naming the script line at fault.
+    Each reply is appended to ``out/replies.jsonl`` (and its images written) as soon as it is made, so a failure on
+    line 3 keeps the replies of lines 1–2. A bad line is one ``error:`` line on ``errors`` (stderr by default) and
+    the script goes on with the next. Returns ``(replies.jsonl path, number of bad lines)``.
+
+    Raises:
+        ValueError: the script itself cannot be read (missing file, a line that is not a JSON object).
     """
-    records = run_script(session, read_script(script), image_dir=out, sampler=sampler, base_dir=Path(script).parent)
+    errors = errors if errors is not None else sys.stderr
+    lines = read_script(script)
     out.mkdir(parents=True, exist_ok=True)
     replies = out / "replies.jsonl"
+    failed = 0
     with open(replies, "w", encoding="utf-8") as f:
-        for rec in records:
+        for n, line in enumerate(lines):
+            try:
+                rec = play_line(session, n, line, image_dir=out, sampler=sampler, base_dir=Path(script).parent)
+            except ValueError as e:
+                failed += 1
+                errors.write(f"error: {script}: {e}\n")
+                continue
+            if rec is None:
+                continue
             f.write(json.dumps(rec) + "\n")
+            f.flush()
             print(f"turn {rec['turn']}: {rec['text']!r} {rec['images']}")
-    return replies
+    return replies, failed

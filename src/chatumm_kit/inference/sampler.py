@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -69,8 +70,17 @@ class SamplerConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if int(self.num_steps) < 1:
-            raise ValueError(f"SamplerConfig.num_steps must be >= 1, got {self.num_steps}")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"SamplerConfig.num_steps must be an integer >= 1, got {self.num_steps!r}")
+        for name in ("shift", "cfg_text_scale", "cfg_image_scale", "renorm_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"SamplerConfig.{name} must be a finite number, got {value!r}")
+        if self.cfg_text_scale < 0 or self.cfg_image_scale < 0:
+            raise ValueError(
+                f"SamplerConfig: guidance scales must be >= 0 (1 = no guidance), got text {self.cfg_text_scale}, "
+                f"image {self.cfg_image_scale}"
+            )
         if self.shift <= 0:
             raise ValueError(f"SamplerConfig.shift must be > 0, got {self.shift}")
         lo, hi = (float(v) for v in self.cfg_interval)

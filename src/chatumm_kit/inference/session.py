@@ -50,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,10 +85,29 @@ from chatumm_kit.inference.steps import (
 )
 from chatumm_kit.model import ChatUMM
 
-__all__ = ["AssistantReply", "ChatSession", "SessionConfig", "SessionContexts"]
+__all__ = ["AssistantReply", "ChatSession", "SessionConfig", "SessionContexts", "check_reply_options"]
 
 SESSION_FILE = "session.json"
 _FORMAT = "chatumm_session/v1"
+
+
+def check_reply_options(*, max_new_tokens: int, temperature: float, top_p: float, max_segments: int) -> None:
+    """Raise ``ValueError`` naming the first bad :meth:`ChatSession.respond` setting (types and ranges)."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise ValueError(f"respond: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (is_int(max_segments) and max_segments >= 1):
+        raise ValueError(f"respond: max_segments must be an integer >= 1, got {max_segments!r}")
+    if not (is_num(temperature) and temperature >= 0):
+        raise ValueError(f"respond: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (is_num(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"respond: top_p must be in (0, 1], got {top_p!r}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,14 @@ class SessionConfig:
     vit_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     vit_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     dialogue_id: str = "chat"
+
+    def __post_init__(self) -> None:
+        size = tuple(self.image_size)
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+            raise ValueError(f"SessionConfig.image_size must be two integers >= 1 (H, W), got {self.image_size!r}")
+        for name in ("vit_patch_size", "vae_token_stride", "max_image_side"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SessionConfig.{name} must be >= 1, got {getattr(self, name)!r}")
 
     @classmethod
     def for_model(cls, model: ChatUMM, *, image_size: int | tuple[int, int]) -> SessionConfig:
@@ -389,10 +417,9 @@ class ChatSession:
         k = self.num_turns
         if k == 0 or self.dialogue.turns[-1].role is not Role.USER:
             raise RuntimeError("ChatSession.respond: the last turn must be a user turn (add_user first)")
-        if max_segments < 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"respond: max_segments ({max_segments}) and max_new_tokens ({max_new_tokens}) must be >= 1"
-            )
+        check_reply_options(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, max_segments=max_segments
+        )
         sampler = sampler if sampler is not None else SamplerConfig()
         generator = torch.Generator()
         if sampler.seed is None:
