@@ -109,3 +109,28 @@ def test_a_flipped_byte_in_a_tar_header_is_reported_as_truncation(tmp_path, trai
     assert ("index lists 6" in message) == indexed
     # and never as a sample without its JSON
     assert len(list(read_samples([ref], health=DataHealth()))) == 3
+
+
+def test_an_idle_worker_and_a_resumed_finished_epoch_do_not_stop_the_run(trained_checkpoint) -> None:
+    from chatumm_kit.data.datamodule import DialogueDataModule
+
+    data = _data_dir(trained_checkpoint)
+
+    def module() -> DialogueDataModule:
+        return DialogueDataModule(
+            train_sources=[{"name": "s", "shards": str(data / "train")}],
+            tokenizer=data / "tokenizer",
+            vit_patch_size=8,
+            vae_token_stride=8,
+            max_image_side=32,
+            token_budget=1024,
+            num_workers=2,  # one shard: worker 1 has nothing to read
+            shuffle_buffer=0,
+        )
+
+    dm = module()
+    batches = [dm.consume(item) for item in dm.train_dataloader()]
+    assert batches and dm.health().samples_ok == 12
+    again = module()
+    again.load_state_dict(dm.state_dict())  # saved after the epoch's last batch
+    assert [again.consume(item) for item in again.train_dataloader()] == []  # nothing left, and no stop

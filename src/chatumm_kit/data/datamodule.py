@@ -100,26 +100,33 @@ class _EpochLoader(DataLoader):
 
     def __iter__(self) -> Iterator[StreamBatch]:  # type: ignore[override]
         last_worker = self._on_start()
-        items = _stop_on_stall(super().__iter__(), on_note=self._on_note)
+        # Batches a resumed epoch made before its checkpoint count toward "this epoch made a batch".
+        made_before = sum(p.batches for p in getattr(self.dataset, "resume_positions", lambda: [])())
+        items = _stop_on_stall(super().__iter__(), on_note=self._on_note, made_before=made_before)
         if last_worker is not None and last_worker < max(1, self.num_workers) - 1:
             items = _round_robin_after(items, after=last_worker)
         return _EndNotifier(items, self._on_end)
 
 
-def _stop_on_stall(items: Iterator[Any], *, on_note: Callable[[StreamStall], None]) -> Iterator[StreamBatch]:
+def _stop_on_stall(
+    items: Iterator[Any], *, on_note: Callable[[StreamStall], None], made_before: int = 0
+) -> Iterator[StreamBatch]:
     """The batches of ``items``; a worker's :class:`StreamStall` stops the run with its one line.
 
     A stalled worker (``stall_after_samples`` skips in a row) stops it at once; a worker whose stream ended without a
-    batch stops it only when no worker made a batch in the whole epoch (other workers may hold all the good shards).
+    batch stops it only when no worker made a batch in the whole epoch (other workers may hold all the good shards;
+    ``made_before``: batches of a resumed epoch made before its checkpoint) and it read something (an idle worker
+    with no shard of its own says nothing).
     """
-    made = 0
+    made = made_before
     idle: list[StreamStall] = []
     for item in items:
         if isinstance(item, StreamStall):
             on_note(item)
             if item.stalled:
                 raise DataStallError(item.message)
-            idle.append(item)
+            if item.read:
+                idle.append(item)
             continue
         made += 1
         yield item

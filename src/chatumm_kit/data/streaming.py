@@ -299,6 +299,7 @@ class StreamStall:
         worker: the DataLoader worker id.
         stalled: ``True`` — ``stall_after_samples`` samples in a row were skipped (stop the run now);
             ``False`` — the worker's stream ended without a batch (stop only if no worker made one this epoch).
+        read: samples and bad shards the worker met (0: a worker with no shard of its own).
         stage: ``"train"`` or ``"val"``.
     """
 
@@ -306,6 +307,7 @@ class StreamStall:
     health: DataHealth
     worker: int
     stalled: bool
+    read: int = 0
     stage: str = "train"
 
 
@@ -398,6 +400,10 @@ class DialogueStream(IterableDataset):
         """Fix the epoch and, per worker id, the position and health to resume from (main process)."""
         self.epoch = int(epoch)
         self.resume = dict(resume)
+
+    def resume_positions(self) -> list[DataPosition]:
+        """The positions this epoch resumes from (empty for a fresh epoch)."""
+        return [pos for pos, _ in self.resume.values() if pos.epoch == self.epoch]
 
     def __len__(self) -> int:
         """Batches per rank per epoch; known only in resampled mode with ``batches_per_epoch``."""
@@ -644,4 +650,11 @@ class DialogueStream(IterableDataset):
                 skipped=health.sample_skips,
                 shortest=shortest_ever,
             )
-            yield StreamStall(message=line, health=health.copy(), worker=worker, stalled=False, stage=self.stage)
+            yield StreamStall(
+                message=line,
+                health=health.copy(),
+                worker=worker,
+                stalled=False,
+                read=read + len(health.bad_shards),
+                stage=self.stage,
+            )
