@@ -35,6 +35,7 @@ img.turn { width: 96px; height: 96px; image-rendering: pixelated; border: 1px so
 img.plot { max-width: 100%; }
 .reason { color: #555; font-style: italic; } .error { color: #a00; } .meta { color: #666; font-size: 12px; }
 .cats { display: flex; gap: 1.5em; flex-wrap: wrap; }
+td div { white-space: pre-wrap; }
 """
 
 _SCRIPT = """
@@ -60,8 +61,12 @@ class _Embedder:
         return self._urls[rel]
 
 
+_CONTROL = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127], "\ufffd")
+
+
 def _e(value: Any) -> str:
-    return html.escape(str(value))
+    """Escaped text; control characters (a model's stray bytes) shown as U+FFFD."""
+    return html.escape(str(value).translate(_CONTROL))
 
 
 def _num(v: Any) -> str:
@@ -134,6 +139,31 @@ def _category_tables(results: dict[str, Any]) -> str:
     return f'<div class="cats">{"".join(blocks)}</div>' if blocks else ""
 
 
+def _breakdowns(results: dict[str, Any]) -> str:
+    """Multi-turn tasks: teacher-forced means by history distance and by turn index, models side by side."""
+    blocks = []
+    for key, label in (("by_distance", "history distance"), ("by_turn", "turn index")):
+        per_model = {m: r["extra"].get("teacher_forced", {}).get(key) for m, r in results.items()}
+        if not any(per_model.values()):
+            continue
+        buckets: list[str] = []
+        for b in per_model.values():
+            buckets += [k for k in b or {} if k not in buckets]
+        metrics = ("intent", "success", "reply_quality")
+        head = "".join(f"<th>{_e(m)}: {x}</th>" for m in per_model for x in (*metrics, "turns"))
+        rows = []
+        for k in buckets:
+            cells = []
+            for b in per_model.values():
+                stats = (b or {}).get(k, {})
+                cells += [f"<td>{_num(stats.get(x, {}).get('mean'))}</td>" for x in metrics]
+                cells.append(f"<td>{_num(stats.get('intent', {}).get('count'))}</td>")
+            rows.append(f"<tr><th>{_e(k)}</th>{''.join(cells)}</tr>")
+        blocks.append(f"<div><h4>by {label} (teacher-forced)</h4><table><tr><th>{label}</th>{head}</tr>"
+                      f"{''.join(rows)}</table></div>")  # fmt: skip
+    return f'<div class="cats">{"".join(blocks)}</div>' if blocks else ""
+
+
 def _dialogues(results: dict[str, Any], limit: int, embed: _Embedder) -> str:
     models = list(results)
     by_model: dict[str, dict[tuple[str, int], dict]] = {
@@ -184,12 +214,13 @@ def render_html(report: Mapping[str, Any], root: Path) -> str:
             f"{_e(json.dumps(report['judge']) if report['judge'] else 'none')}</p>"]  # fmt: skip
     for name, task in report["tasks"].items():
         results = task["results"]
-        body.append(f"<h2>{_e(name)} <span class='meta'>({_e(task['kind'])})</span></h2>")
+        body.append(f"<h2 id='{_e(name)}'>{_e(name)} <span class='meta'>({_e(task['kind'])})</span></h2>")
         body.append(_metrics_table(results, MAIN_METRICS.get(task["kind"], ())))
         plot = Path(root) / "plots" / f"{name}.png"
         if plot.is_file():
             body.append(f'<img class="plot" alt="plot {_e(name)}" src="{embed.url(f"plots/{name}.png")}">')
         body.append(_category_tables(results))
+        body.append(_breakdowns(results))
         body.append(_dialogues(results, limit, embed))
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>chatumm_kit evaluation</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(body)}<script>{_SCRIPT}</script></body></html>")  # fmt: skip

@@ -172,15 +172,17 @@ class SuiteReport:
 
     @staticmethod
     def plot(name: str, task: Mapping[str, Any], path: Path) -> Path:
-        """Main metrics per model (bars) and, for multi-turn tasks, SR@k per model (lines)."""
+        """Main metrics per model (bars) and, for multi-turn tasks, reply quality (or success) by turn index and by
+        history distance (teacher-forced) and SR@k (free-running), one line per model."""
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         results = task["results"]
         metrics = [m for m in MAIN_METRICS.get(task["kind"], ()) if any(
             isinstance(r["metrics"].get(m), int | float) for r in results.values())]  # fmt: skip
         multi = any(r["extra"].get("free_running") for r in results.values())
-        fig = Figure(figsize=(11 if multi else 6, 4), dpi=80)
-        axes = fig.subplots(1, 2 if multi else 1, squeeze=False).ravel()
+        fig = Figure(figsize=(18 if multi else 6, 4), dpi=80)
+        axes = fig.subplots(1, 4 if multi else 1, squeeze=False).ravel()
         ax = axes[0]
         width = 0.8 / max(1, len(results))
         for i, (model, r) in enumerate(results.items()):
@@ -193,13 +195,28 @@ class SuiteReport:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
         if multi:
-            ax = axes[1]
+            for ax, (key, label) in zip(axes[1:3], (("by_turn", "turn index"), ("by_distance", "history distance"))):
+                for model, r in results.items():
+                    buckets = r["extra"]["teacher_forced"][key]
+                    metric = "reply_quality" if any("reply_quality" in b for b in buckets.values()) else "success"
+                    keys = list(buckets)
+                    ax.plot(range(len(keys)), [buckets[k].get(metric, {}).get("mean") for k in keys], marker="o",
+                            label=f"{model} {metric}")  # fmt: skip
+                    ax.set_xticks(range(len(keys)))
+                    ax.set_xticklabels(keys)
+                ax.set_ylim(-0.05, 1.05)
+                ax.set_xlabel(label)
+                ax.set_title(f"teacher-forced, by {label}", fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            ax = axes[3]
             for model, r in results.items():
                 sr = {int(k): v for k, v in r["extra"]["free_running"]["sr_at_k"].items()}
                 ks = sorted(sr)
                 ax.plot(ks, [sr[k] for k in ks], marker="o", label=model)
             ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel("k (turns)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title("SR@k (free-running, stop at first failure)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
