@@ -111,6 +111,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
+    p.add_argument("--adapter", help="a LoRA adapter folder (peft layout) to run unmerged on top of the checkpoint")
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -134,6 +135,10 @@ def _run_chat(args: argparse.Namespace) -> int:
         if args.script and not Path(args.script).is_file():
             raise ValueError(f"no such script file: {args.script}")
         loaded = load_checkpoint(args.checkpoint, use_ema=False if args.no_ema else None)
+        if args.adapter:
+            from chatumm_kit.training.adapters import load_adapter
+
+            load_adapter(loaded.model, args.adapter).eval()
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -177,6 +182,10 @@ COMMANDS: dict[str, Command] = {
     "chat": Command("chat with a trained model: chatumm chat CHECKPOINT [--script FILE]", _chat_args, _run_chat),
     "data": _delegated(
         "dialogue data tools: chatumm data import JSONL --images DIR --out SHARDS_DIR", "chatumm_kit.data.import_cli"
+    ),
+    "adapter": _delegated(
+        "LoRA adapters: chatumm adapter export CHECKPOINT OUT | merge BASE_KIT ADAPTER OUT [--to bagel|kit]",
+        "chatumm_kit.training.adapter_cli",
     ),
     "eval": _delegated("run the multi-turn context-tracking benchmark: chatumm eval ...", "chatumm_kit.eval.cli"),
 }

@@ -160,7 +160,7 @@ class ChatUMM(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.backbone.embed_tokens.embedding_dim
+        return self.backbone.config.hidden_size  # (not embed_tokens.embedding_dim: an adapter may wrap the table)
 
     # ------------------------------------------------------------------ inputs
     def vae_clean_tokens(self, batch: PackedBatch) -> torch.Tensor:

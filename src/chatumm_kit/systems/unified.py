@@ -57,6 +57,8 @@ class ChatUMMSystem(L.LightningModule):
         ce_weight: weight of the text loss.
         mse_weight: weight of the image loss.
         freeze: parts to freeze (keys of :class:`FreezeSpec`).
+        adapter: a ``_component_`` node building a :class:`~chatumm_kit.training.adapters.LoraSpec`: LoRA adapters
+            are injected after ``init_from`` and everything but them (and the spec's ``trainable``) is frozen.
         init_from: a safetensors file (kit layout) to initialise the model from before training.
         mask_image_every_n_steps: log a picture of one batch's attention mask every N steps (0: never).
         seed: seed of the flow-matching noise; each step's draw depends only on (seed, step, rank).
@@ -64,7 +66,7 @@ class ChatUMMSystem(L.LightningModule):
 
     # The recipe engine hands these over as nodes, unbuilt: the model is built in configure_model, the schedule in
     # configure_optimizers, and the hyperparameters store the nodes (a checkpoint rebuilds its model).
-    config_arguments: ClassVar[frozenset[str]] = frozenset({"model", "schedule"})
+    config_arguments: ClassVar[frozenset[str]] = frozenset({"model", "schedule", "adapter"})
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class ChatUMMSystem(L.LightningModule):
         ce_weight: float = 1.0,
         mse_weight: float = 1.0,
         freeze: dict[str, bool] | None = None,
+        adapter: dict[str, Any] | None = None,
         init_from: str | None = None,
         mask_image_every_n_steps: int = 0,
         seed: int = 0,
@@ -117,6 +120,7 @@ class ChatUMMSystem(L.LightningModule):
         """Build the model once (Lightning may call this more than once, e.g. under FSDP)."""
         if self.model is not None:
             return
+        from chatumm_kit.config import instantiate
         from chatumm_kit.presets import build_model
         from chatumm_kit.training.checkpoints import load_safetensors_into
 
@@ -124,6 +128,10 @@ class ChatUMMSystem(L.LightningModule):
         if self.hparams.init_from:
             load_safetensors_into(model, self.hparams.init_from)
         self._apply_freeze(model)
+        if self.hparams.get("adapter"):
+            from chatumm_kit.training.adapters import apply_lora
+
+            apply_lora(model, instantiate(self.hparams.adapter, path="system.adapter"))
         self.model = model
         shard = getattr(self.trainer.strategy, "shard_model", None) if self._trainer is not None else None
         if callable(shard):  # ModelParallelStrategy from chatumm_kit.training.strategies: FSDP2 per layer

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 
 from chatumm_kit.components.tokenizer import ChatTokenizer
+from chatumm_kit.config import instantiate
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.presets import build_model, model_spec
+from chatumm_kit.training.adapters import apply_lora
 from chatumm_kit.training.checkpoints import is_sharded_checkpoint, read_weights
 from chatumm_kit.training.ema import EMA_CALLBACK_MARKER, EMA_KEY_PREFIX
 from chatumm_kit.training.resume import describe_load_error, unreadable_message
@@ -134,7 +136,8 @@ def load_checkpoint(
         ValueError: not a ChatUMMSystem checkpoint, EMA asked for but absent, or weights that do not fit the spec.
     """
     path = Path(checkpoint)
-    spec = model_spec(checkpoint_hyperparameters(path)["model"])
+    hparams = checkpoint_hyperparameters(path)
+    spec = model_spec(hparams["model"])
     spec.update(spec_overrides or {})
     if isinstance(tokenizer, ChatTokenizer):
         tok = tokenizer
@@ -144,15 +147,21 @@ def load_checkpoint(
     else:
         if tokenizer is not None:
             spec["tokenizer"] = str(tokenizer)
-        if spec.get("tokenizer") is None:
-            raise ValueError(f"{path}: the model spec names no tokenizer; pass tokenizer=")
-        _require_file(spec, "tokenizer", path)
-        tok = ChatTokenizer.from_file(spec["tokenizer"])
+        folder = spec.get("path")  # a kit folder (convert.bagel.kit_folder) holds its own tokenizer
+        if spec.get("tokenizer") is None and folder is not None and (Path(folder) / "tokenizer.json").is_file():
+            tok = ChatTokenizer.from_file(folder)
+        else:
+            if spec.get("tokenizer") is None:
+                raise ValueError(f"{path}: the model spec names no tokenizer; pass tokenizer=")
+            _require_file(spec, "tokenizer", path)
+            tok = ChatTokenizer.from_file(spec["tokenizer"])
     _require_file(spec, "vae_weights", path)
 
     ema = checkpoint_has_ema(path) if use_ema is None else bool(use_ema)
     weights = read_weights(path, use_ema=ema, prefix="model.")
     model = build_model(spec)
+    if hparams.get("adapter"):  # trained with LoRA: rebuild the unmerged adapter the weights belong to
+        apply_lora(model, instantiate(hparams["adapter"], path="hyper_parameters.adapter"))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:

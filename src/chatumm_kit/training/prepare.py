@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ensure_trained", "ensure_synthesised", "ensure_tokenizer", "dialogue_texts"]
+__all__ = ["ensure_trained", "ensure_synthesised", "ensure_tokenizer", "ensure_exported", "dialogue_texts"]
 
 
 def _ensure(*, kind: str, recipe: str, artifact: str, overrides: list[str] | None, run) -> Path:
@@ -66,3 +66,18 @@ def ensure_tokenizer(*, shards: str | list[str], output: str, vocab_size: int = 
     tokenizer.save(path)
     print(f"prepare: trained a {tokenizer.vocab_size}-token tokenizer on {shards} → {path}")
     return path
+
+
+def ensure_exported(*, checkpoint: str, output: str, use_ema: bool | None = None) -> Path:
+    """Write a training checkpoint's model weights as one safetensors file (kit layout, the ``init_from`` of a
+    fine-tuning recipe) unless ``output`` exists. ``use_ema``: None takes the EMA weights when the run saved some."""
+    from chatumm_kit.training.checkpoints import export_safetensors
+    from chatumm_kit.training.loading import checkpoint_has_ema
+
+    path = Path(output)
+    if path.exists():
+        print(f"prepare: reusing {path}")
+        return path
+    ema = checkpoint_has_ema(checkpoint) if use_ema is None else use_ema
+    print(f"prepare: exporting {'EMA' if ema else 'raw'} weights of {checkpoint} to {path}")
+    return export_safetensors(checkpoint, path, use_ema=ema, prefix="model.")
