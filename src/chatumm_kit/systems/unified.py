@@ -203,11 +203,13 @@ class ChatUMMSystem(L.LightningModule):
         self.log("val/loss", self.hparams.ce_weight * ce + self.hparams.mse_weight * mse, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        from lightning.pytorch.utilities import grad_norm
+        from torch.distributed.tensor import DTensor
 
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, batch_size=1)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:  # torch's total norm handles FSDP2's DTensor gradients (Lightning's grad_norm does not)
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            total = total.full_tensor() if isinstance(total, DTensor) else total
+            self.log("train/grad_norm", total, on_step=True, batch_size=1)
 
     def _log_mask_image(self, batch: PackedBatch) -> None:
         experiment = getattr(self.logger, "experiment", None)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Checks that need a CUDA GPU (a lent H100/H200), run as one short script: bash benchmarks/gpu_checks.sh [OUT_DIR]
+# Each line prints a table and, with --json, one JSON object as its last line (saved under OUT_DIR).
+set -euo pipefail
+out="${1:-${OUT:-gpu_out}}"
+mkdir -p "$out"
+export PYTHONPATH="${PYTHONPATH:-$PWD/src}"
+
+# LoRA vs full fine-tuning on BAGEL-7B-MoT widths cut to 2 layers (bf16 base, fp32 adapters) — issue 15
+python benchmarks/bench_lora.py --device cuda --layers 2 --repeats 5 --json | tee "$out/bench_lora_cuda.txt"
