@@ -164,7 +164,7 @@ def run(s: Setting, repeats: int) -> dict[str, Any]:
     built = {v: build(v, s) for v in ("full", "lora")}
     batch = make_batch(s)
     times: dict[str, list[float]] = {"full": [], "lora": []}
-    for v, (model, opt) in built.items():  # warm-up (allocations, optimizer state)
+    for model, opt in built.values():  # warm-up (allocations, optimizer state)
         step(model, opt, batch)
     for r in range(repeats):
         for v in ("full", "lora") if r % 2 == 0 else ("lora", "full"):

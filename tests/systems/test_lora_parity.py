@@ -64,7 +64,9 @@ def setup(tmp_path_factory):
     init = chatumm_tiny(**{k: v for k, v in spec.items() if k != "_component_"})
     with torch.no_grad():
         init.vae.llm2vae.weight.normal_(std=0.05)
-    save_file({k: v.detach().clone().contiguous() for k, v in init.state_dict().items()}, str(root / "init.safetensors"))
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in init.state_dict().items()}, str(root / "init.safetensors")
+    )
     system_kwargs = dict(
         model=spec,
         adapter=ADAPTER,
