@@ -77,10 +77,12 @@ def test_last_with_nothing_to_resume_is_an_error_unless_asked_to_start_fresh(
     tmp_path, capsys, trained_checkpoint, train_recipe
 ) -> None:
     data = trained_checkpoint.parents[2] / "data"
-    recipe = train_recipe(tmp_path / "train.yaml", out=tmp_path / "fresh", data=data)
-    assert main(["train", str(recipe), "resume_from=last"]) == 2
+    unprepared = train_recipe(tmp_path / "new.yaml", out=tmp_path / "fresh", data=tmp_path / "no_data_yet")
+    assert main(["train", str(unprepared), "resume_from=last"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint in" in err[0] and "resume_from=last_or_fresh" in err[0], err
+    assert not (tmp_path / "no_data_yet").exists()  # refused before the prepare steps ran
+    recipe = train_recipe(tmp_path / "train.yaml", out=tmp_path / "fresh", data=data)
     assert main(["train", str(recipe), "resume_from=last_or_fresh"]) == 0
     assert "starting fresh" in capsys.readouterr().out
     assert _step(tmp_path / "fresh" / "checkpoints" / "last.ckpt") == 2

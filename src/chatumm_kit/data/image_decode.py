@@ -57,8 +57,10 @@ def _open(data: bytes | Path, where: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap is the check that counts
             return Image.open(data if isinstance(data, Path) else io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{where}: {e}") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(
+            f"{where}: its header declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels (nothing decoded)"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         size = f"{len(data)} bytes" if isinstance(data, bytes) else str(data)
         raise ImageDecodeError(f"{where}: not a readable image ({size}): {e}") from None

@@ -79,6 +79,16 @@ def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLO
     output_dir = Path(str(cfg.get("output_dir") or "runs/train"))
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    # The trainer (callbacks included) and the checkpoint to resume from come first: a resume that cannot work is
+    # one line now, not after minutes of prepare.
+    trainer = _build_trainer(cfg.trainer, output_dir, allowed)
+    ckpt_dir = (
+        Path(trainer.checkpoint_callback.dirpath)
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath
+        else output_dir / "checkpoints"
+    )
+    ckpt = resolve_resume(cfg.get("resume_from"), ckpt_dir)
+
     for i, step in enumerate(cfg.get("prepare") or []):
         instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
 
@@ -86,18 +96,11 @@ def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLO
     if not isinstance(system, L.LightningModule):
         raise RecipeError(f"system: built {type(system).__name__}, expected a lightning.LightningModule")
     data = instantiate(cfg.data, allowed_roots=allowed, path="data") if cfg.get("data") is not None else None
-    trainer = _build_trainer(cfg.trainer, output_dir, allowed)
     from chatumm_kit.training.callbacks import RecipeInCheckpoint
 
     recipe_text = to_yaml(cfg)
     (output_dir / "recipe.yaml").write_text(recipe_text)  # how this run was made, next to its logs
     trainer.callbacks.append(RecipeInCheckpoint(recipe=recipe_text))
-    ckpt_dir = (
-        Path(trainer.checkpoint_callback.dirpath)
-        if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath
-        else output_dir / "checkpoints"
-    )
-    ckpt = resolve_resume(cfg.get("resume_from"), ckpt_dir)
 
     trainer.fit(system, datamodule=data, ckpt_path=ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
