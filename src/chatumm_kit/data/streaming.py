@@ -37,6 +37,13 @@ after decoding. (The datamodule restores the workers' round-robin order, see :mo
 Each worker holds back its latest batch until the next one is ready, so its last batch carries the final position
 and health (including skips after the last emitted sample).
 
+**No silent hang.** Every fault of one sample (schema, types, image decoding, the pixel cap, size) is a skip with its
+reason, shard and key. When ``stall_after_samples`` samples in a row are skipped — none could join a batch: a token
+budget below every sample, a shard of empty dialogues — the worker yields a :class:`StreamStall` instead of a
+batch, and the datamodule's loader stops the run with a :class:`DataStallError` whose one line gives the top skip
+reasons and the token budget vs the shortest sample. A worker whose stream ends without a batch yields one too; it
+stops the run only if no worker made a batch in the epoch (resampled or not).
+
 Example:
     >>> stream = DialogueStream(sources=[ResolvedSource.resolve(SourceSpec(name="s", shards="d/index.json"))],
     ...                         packer=packer, token_budget=1024, max_sample_tokens=1024)   # doctest: +SKIP
