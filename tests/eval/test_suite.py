@@ -271,6 +271,15 @@ def test_every_figure_equals_the_hand_computation(suite_run):
     assert (suite_run["root"] / "out" / "plots" / "chat.png").stat().st_size > 1000
 
 
+def test_missing_files_and_a_missing_judge_are_named_before_anything_runs(suite_run, capsys):
+    recipe = str(suite_run["recipe"])
+    assert main(["eval", recipe, "tasks.mme.path=nowhere/MME.tsv"]) == 2
+    assert "tasks.mme.path: 'nowhere/MME.tsv' does not exist" in capsys.readouterr().err
+    assert main(["eval", recipe, "~judge"]) == 2
+    err = capsys.readouterr().err
+    assert "tasks.edit: a judged task (edit); the recipe needs a 'judge' node" in err and "tasks.chat:" in err
+
+
 def test_rerun_asks_the_judge_nothing_and_gives_the_same_report(suite_run, capsys):
     server = suite_run["server"]
     assert server.hits == suite_run["hits"] > 0

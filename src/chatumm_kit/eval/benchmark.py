@@ -6,7 +6,8 @@ ShapesChat benchmark uses the exact :class:`~.scoring.ShapesExactScorer`; the ju
 dialogues (:class:`~.tasks.DialogueBench`) uses :class:`~.scoring.JudgedReplyScorer`; the single-turn benchmarks of
 :mod:`.tasks` replay one-exchange items. Under teacher forcing the replies of a lockstep group are scored together
 when the group is done (a judge is then asked about them in parallel); free-running, each exchange's replies are
-scored at once, since the next exchange depends on them.
+scored at once, since the next exchange depends on them. (Teacher-forced groups are scored in a background thread
+while the model replies to the next group.)
 
 **Data.** Dialogues from the synthesis pipeline with held-out phrasings, task seeds no training recipe uses, and
 chains longer than any training dialogue (``recipes/shapes/eval.yaml``). Every assistant turn carries its ground
@@ -48,6 +49,7 @@ import itertools
 import json
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,7 +264,9 @@ class DialogueReplay:
         """Every dialogue exchange by exchange: add the true user turn, reply, then ``keep(responder, expected, reply,
         is_last)`` leaves the history as the protocol wants it and returns the assistant turn now in it. With
         ``stop_at_failure`` each exchange's replies are scored at once and a dialogue stops at its first failure;
-        otherwise the group's replies are scored together at its end. Returns the scored turns per dialogue.
+        otherwise the group's replies are scored together once it is done, in a background thread while the model
+        replies to the next group (a judge's latency overlaps the model's work). Returns the scored turns per
+        dialogue, in order.
 
         A :class:`ChatSessionResponder` runs ``batch_size`` dialogues in lockstep (itself plus partners from
         :meth:`~.responders.ChatSessionResponder.spawn`), every exchange's replies together; a dialogue that ends drops
@@ -274,7 +278,11 @@ class DialogueReplay:
         size = self.batch_size if together else 1
         team: list[Responder] = [responder]
         results: list[list[ScoredTurn]] = []
-        with tqdm(total=len(self.expected), desc=desc, unit="dlg", disable=not progress) as bar:
+        later: list[tuple[list[list[ScoreRequest]], Future]] = []  # teacher-forced groups being scored
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") as scoring,
+            tqdm(total=len(self.expected), desc=desc, unit="dlg", disable=not progress) as bar,
+        ):
             for start in range(0, len(self.expected), size):
                 group = self.expected[start : start + size]
                 while len(team) < len(group):
@@ -310,12 +318,14 @@ class DialogueReplay:
                             requests[d].append(r)
                         still = [d for d in active if j + 1 < len(group[d])]
                     active, j = still, j + 1
-                if not stop_at_failure:
-                    flat = [r for rs in requests for r in rs]
-                    scores = iter(self.scorer.score_many(flat))
-                    scored = [[ScoredTurn(request=r, score=next(scores)) for r in rs] for rs in requests]
-                results.extend(scored)
+                if stop_at_failure:
+                    results.extend(scored)
+                else:  # scored in the background while the model replies to the next group
+                    later.append((requests, scoring.submit(self.scorer.score_many, [r for rs in requests for r in rs])))
                 bar.update(len(group))
+            for requests, future in later:
+                scores = iter(future.result())
+                results.extend([ScoredTurn(request=r, score=next(scores)) for r in rs] for rs in requests)
         return results
 
 

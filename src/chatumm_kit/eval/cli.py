@@ -83,7 +83,7 @@ def run_suite_recipe(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_
     :class:`~chatumm_kit.eval.suite.SuiteReport`."""
     from chatumm_kit.eval.judge import Judge
     from chatumm_kit.eval.suite import SuiteSettings, run_suite
-    from chatumm_kit.eval.tasks import EvalTask
+    from chatumm_kit.eval.tasks import EvalTask, missing_inputs
 
     allowed = frozenset(allowed_roots)
     missing = [f"{k}: missing (a suite recipe needs it)" for k in ("models", "tasks") if k not in cfg]
@@ -101,6 +101,10 @@ def run_suite_recipe(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_
         if not isinstance(task, EvalTask):
             raise RecipeError(f"tasks.{name}: built {type(task).__name__}, expected a task of chatumm_kit.eval.tasks")
         tasks[str(name)] = task
+    gone = [f"tasks.{n}.{field}: {p!r} does not exist" for n, t in tasks.items()
+            for field, paths in missing_inputs(t).items() for p in paths]  # fmt: skip
+    if gone:
+        raise RecipeError(gone)
     judge = None
     if cfg.get("judge") is not None:
         judge = instantiate(cfg.judge, allowed_roots=allowed, path="judge")

@@ -69,6 +69,7 @@ __all__ = [
     "TextToImage",
     "DialogueBench",
     "ShapesChat",
+    "missing_inputs",
 ]
 
 
@@ -385,7 +386,19 @@ class ShapesChat:
         return _dialogue_result(replay, responder, context)
 
 
-def task_path_exists(path: str | Sequence[str]) -> list[str]:
-    """The paths among ``path`` that do not exist (for recipe checks)."""
-    paths = [path] if isinstance(path, str) else list(path)
-    return [p for p in paths if not Path(p).exists()]
+INPUT_FIELDS = ("path", "paths", "image_root", "dialogues", "shards")
+"""Task attributes that name files or folders a task reads (checked before any model is loaded)."""
+
+
+def missing_inputs(task: object) -> dict[str, list[str]]:
+    """Attribute → the paths among its value that do not exist, for each of :data:`INPUT_FIELDS` the task has."""
+    out = {}
+    for name in INPUT_FIELDS:
+        value = getattr(task, name, None)
+        if value is None:
+            continue
+        paths = [value] if isinstance(value, str | Path) else list(value)
+        gone = [str(p) for p in paths if not Path(str(p)).exists()]
+        if gone:
+            out[name] = gone
+    return out
