@@ -95,7 +95,9 @@ class LoraSpec:
             is saved with the adapter), e.g. ``[backbone.lm_head]``.
         base_dtype: cast the frozen base weights to this dtype (``bfloat16``: half the memory; train under
             ``precision: bf16-mixed`` so matmuls run in bf16) while adapter and ``trainable`` weights stay float32;
-            ``null`` keeps the base as built.
+            ``null`` keeps the base as built. Under FSDP2 pair a bf16 base with the strategy's ``mixed_precision:
+            bf16`` (FSDP2 all-gathers a unit's parameters in one dtype); that pairing has not run on a GPU in the
+            tests (CPU tests cover DDP/FSDP2 in fp32 and a bf16 base under autocast).
         init: ``"zero"`` (peft's default: ``B = 0``, the adapted model starts equal to the base) or ``"random"``
             (``B`` random too; tests and parity checks).
 

@@ -7,6 +7,8 @@ from the spec and filled with the checkpoint's weights — the EMA weights when
 :class:`~chatumm_kit.training.ema.EMACallback` saved some (``use_ema=None``, the default), or as asked.
 Nothing is unpickled beyond tensors and plain values: files are read with ``torch.load(weights_only=True)`` and the
 weights through :func:`chatumm_kit.training.checkpoints.read_weights`.
+A checkpoint trained with ``system.adapter`` (LoRA, :mod:`chatumm_kit.training.adapters`) comes back with its adapter
+injected and unmerged; a model built from a kit folder takes the folder's tokenizer.
 
 Paths inside the spec (``tokenizer``, ``vae_weights``) are read as written at training time, i.e. relative to the
 directory training ran in; pass ``tokenizer=`` or ``spec_overrides=`` to point elsewhere.
