@@ -44,7 +44,7 @@ from chatumm_kit.components.layers import grid_rc
 from chatumm_kit.components.masks import DocumentMask, MaskBuilder
 from chatumm_kit.components.mot import MoTBackbone
 from chatumm_kit.components.splits import SplitTable
-from chatumm_kit.components.vae import VAELatentHead
+from chatumm_kit.components.vae import LatentPosterior, VAELatentHead
 from chatumm_kit.components.vit import ViTEncoder
 from chatumm_kit.flow import noise_latents, sample_train_timesteps, velocity_target
 
@@ -58,10 +58,13 @@ class FlowInputs:
     Attributes:
         timesteps: ``[n_noised_views]`` one ``t`` per generated image.
         noise: ``[N_mse, 4C]`` ``ε`` for every noised latent token, in ``batch.mse_indices`` order.
+        posterior_noise: one ``[C, h, w]`` draw per image of ``batch.vae_images`` when the clean latents are sampled
+            from the VAE posterior (``mean + σ·noise``, SPEC §4.1); ``None``: the posterior mean is used.
     """
 
     timesteps: torch.Tensor
     noise: torch.Tensor
+    posterior_noise: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class ChatUMM(nn.Module):
         vae: the VAE latent head (frozen autoencoder, ``vae2llm``/``llm2vae``, time and position embeddings).
         mask_builder: builds the attention mask once per batch from the split table.
         timestep_shift: training timestep shift ``s`` (SPEC §4; 1.0 by default).
+        sample_posterior: in training mode, encode each image as a sample of the VAE posterior
+            (``mean + σ·ε``, as BAGEL trains, SPEC §4.1) instead of its mean. Evaluation mode always uses the mean.
+            The draws come from the step's generator after the flow draws, so runs without it are unchanged.
     """
 
     def __init__(
@@ -150,6 +156,7 @@ class ChatUMM(nn.Module):
         vae: VAELatentHead,
         mask_builder: MaskBuilder | None = None,
         timestep_shift: float = 1.0,
+        sample_posterior: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -157,36 +164,78 @@ class ChatUMM(nn.Module):
         self.vae = vae
         self.mask_builder = mask_builder or MaskBuilder()
         self.timestep_shift = timestep_shift
+        self.sample_posterior = bool(sample_posterior)
 
     @property
     def hidden_size(self) -> int:
         return self.backbone.config.hidden_size  # (not embed_tokens.embedding_dim: an adapter may wrap the table)
 
     # ------------------------------------------------------------------ inputs
-    def vae_clean_tokens(self, batch: PackedBatch) -> torch.Tensor:
-        """``[N_vae, 4C]`` clean patchified latents of every VAE token, each image encoded once."""
+    def vae_clean_tokens(
+        self,
+        batch: PackedBatch,
+        *,
+        flow: FlowInputs | None = None,
+        latents: Sequence[LatentPosterior | torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``[N_vae, 4C]`` clean patchified latents of every VAE token, each image encoded once.
+
+        Args:
+            batch: the packed sequence (``vae_images`` are encoded unless ``latents`` is given).
+            flow: its ``posterior_noise``, when set, samples each image's latent as ``mean + σ·noise``.
+            latents: precomputed posteriors (or means) of ``batch.vae_images``, in order — e.g. cached offline with
+                ``model.vae.posterior(images)``; the autoencoder is then not run.
+        """
         if batch.vae_indices.numel() == 0:
             return torch.zeros(0, self.vae.token_dim, device=batch.input_ids.device)
-        latents = self.vae.encode(batch.vae_images)
-        return self.vae.view_tokens(latents, batch.vae_view_image)
+        if latents is None:
+            posteriors = self.vae.posterior(batch.vae_images)
+        else:
+            if len(latents) != len(batch.vae_images):
+                raise ValueError(f"ChatUMM: {len(latents)} precomputed latents for {len(batch.vae_images)} images")
+            posteriors = [x if isinstance(x, LatentPosterior) else LatentPosterior(mean=x) for x in latents]
+            device = batch.input_ids.device
+            posteriors = [
+                LatentPosterior(mean=p.mean.to(device), std=None if p.std is None else p.std.to(device))
+                for p in posteriors
+            ]
+        if flow is not None and flow.posterior_noise is not None:
+            z = [p.sample(eps.to(p.mean.device)) for p, eps in zip(posteriors, flow.posterior_noise, strict=True)]
+        else:
+            z = [p.mean for p in posteriors]
+        return self.vae.view_tokens(z, batch.vae_view_image)
 
     def draw_flow(self, batch: PackedBatch, *, generator: torch.Generator | None = None) -> FlowInputs:
-        """Sample one timestep per noised view and noise for every noised token."""
+        """Sample one timestep per noised view and noise for every noised token; then, when ``sample_posterior``
+        and in training mode, one posterior draw per image of the batch (after the others, so the flow draws do
+        not depend on the setting)."""
         device = batch.input_ids.device
         t = sample_train_timesteps(
             batch.num_noised_views, shift=self.timestep_shift, generator=generator, device=device
         )
         n_tok = int(batch.mse_token_mask.sum())
         noise = torch.randn(n_tok, self.vae.token_dim, generator=generator, device="cpu").to(device)
-        return FlowInputs(timesteps=t, noise=noise)
+        posterior_noise = None
+        if self.sample_posterior and self.training and batch.vae_indices.numel():
+            d, c = self.vae.downsample, self.vae.latent_channels
+            posterior_noise = [
+                torch.randn(c, int(img.shape[-2]) // d, int(img.shape[-1]) // d, generator=generator).to(device)
+                for img in batch.vae_images
+            ]
+        return FlowInputs(timesteps=t, noise=noise, posterior_noise=posterior_noise)
 
     def embed(
-        self, batch: PackedBatch, flow: FlowInputs | None = None
+        self,
+        batch: PackedBatch,
+        flow: FlowInputs | None = None,
+        *,
+        latents: Sequence[LatentPosterior | torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[L, D]`` input embeddings; also returns the clean latents and targets of noised tokens.
 
         ``flow`` is the noise draw of the batch's noised views; ``None`` for a batch without any (a context chunk
-        at inference): every VAE view is then embedded clean, at ``t = 0``.
+        at inference): every VAE view is then embedded clean, at ``t = 0``. ``latents``: precomputed VAE posteriors
+        (see :meth:`vae_clean_tokens`).
         """
         device = batch.input_ids.device
         if flow is None:
@@ -200,7 +249,7 @@ class ChatUMM(nn.Module):
         if batch.vit_indices.numel():
             vit_tokens = self.vit(batch.vit_patches, batch.vit_patch_rc, batch.vit_grid_hw)
             hidden = hidden.index_copy(0, batch.vit_indices, vit_tokens.to(hidden.dtype))
-        x0 = self.vae_clean_tokens(batch)
+        x0 = self.vae_clean_tokens(batch, flow=flow, latents=latents)
         mask = batch.mse_token_mask
         target = velocity_target(x0[mask], flow.noise.to(x0.dtype))
         if batch.vae_indices.numel():
@@ -227,11 +276,20 @@ class ChatUMM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, batch: PackedBatch, *, flow: FlowInputs | None = None, generator: torch.Generator | None = None
+        self,
+        batch: PackedBatch,
+        *,
+        flow: FlowInputs | None = None,
+        generator: torch.Generator | None = None,
+        latents: Sequence[LatentPosterior | torch.Tensor] | None = None,
     ) -> ChatUMMOutput:
-        """Run one packed sequence; ``flow`` fixes the noise draw (tests, evaluation), else it is sampled."""
+        """Run one packed sequence; ``flow`` fixes the noise draw (tests, evaluation), else it is sampled.
+
+        ``latents``: precomputed VAE posteriors (or means) of ``batch.vae_images``, in order, in place of running the
+        autoencoder (see :meth:`vae_clean_tokens`); the result equals on-the-fly encoding.
+        """
         flow = flow if flow is not None else self.draw_flow(batch, generator=generator)
-        hidden, _, target = self.embed(batch, flow)
+        hidden, _, target = self.embed(batch, flow, latents=latents)
         out = self.backbone(
             hidden,
             position_ids=batch.position_ids,
@@ -274,6 +332,16 @@ class ChatUMM(nn.Module):
     def vae_token_stride(self) -> int:
         """Pixels per VAE token side: the autoencoder's downsample × the latent patch (the stream's VAE views)."""
         return self.vae.downsample * self.vae.latent_patch
+
+    @property
+    def vit_max_patches_per_side(self) -> int:
+        """Side of the ViT's learned position grid: no ViT view may have more patches per side (BAGEL: 70)."""
+        return self.vit.max_patches_per_side
+
+    @property
+    def max_latent_side(self) -> int:
+        """Side of the latent position grid, in tokens: no VAE view may have more per side (BAGEL: 64)."""
+        return self.vae.max_latent_side
 
     @property
     def latent_token_dim(self) -> int:

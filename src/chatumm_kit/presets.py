@@ -83,6 +83,7 @@ def chatumm_tiny(
     attn_backend: str = "sdpa",
     gradient_checkpointing: bool = False,
     timestep_shift: float = 1.0,
+    sample_posterior: bool = False,
 ) -> ChatUMM:
     """A ChatUMM small enough to train on a laptop CPU on 32×32 ShapesChat images.
 
@@ -93,6 +94,8 @@ def chatumm_tiny(
         vocab_size: token table size; or give ``tokenizer`` and it is read from the file.
         vae_weights: a safetensors file written by :class:`~chatumm_kit.training.callbacks.ExportAutoencoder`
             (the ``shapes/vae`` recipe); without it the autoencoder is randomly initialised.
+        timestep_shift / sample_posterior: the flow-matching settings of :class:`~chatumm_kit.model.ChatUMM`
+            (training timestep shift; latents sampled from the VAE posterior, off for ShapesChat).
     """
     vocab = _vocab_size(vocab_size, tokenizer)
     backbone = MoTBackbone(
@@ -125,7 +128,14 @@ def chatumm_tiny(
         shift_factor=shift,
         max_latent_side=max_latent_side,
     )
-    return ChatUMM(backbone=backbone, vit=vit, vae=vae, mask_builder=MaskBuilder(), timestep_shift=timestep_shift)
+    return ChatUMM(
+        backbone=backbone,
+        vit=vit,
+        vae=vae,
+        mask_builder=MaskBuilder(),
+        timestep_shift=timestep_shift,
+        sample_posterior=sample_posterior,
+    )
 
 
 def chatumm_bagel_7b(
@@ -134,11 +144,12 @@ def chatumm_bagel_7b(
     attn_backend: str = "flex",
     gradient_checkpointing: bool = True,
     timestep_shift: float = 1.0,
+    sample_posterior: bool = True,
 ) -> ChatUMM:
     """The BAGEL-7B-MoT shapes (SPEC §5): Qwen2.5-7B MoT, SigLIP so400m (26 of 27 layers), FLUX VAE.
 
     Build it under ``torch.device("meta")`` to inspect or shard it without allocating; weights come from
-    :mod:`chatumm_kit.convert.bagel`.
+    :mod:`chatumm_kit.convert.bagel`. Latents are sampled from the VAE posterior in training, as BAGEL trains.
     """
     backbone = MoTBackbone(
         vocab_size=vocab_size,
@@ -163,7 +174,14 @@ def chatumm_bagel_7b(
         gradient_checkpointing=gradient_checkpointing,
     )
     vae = VAELatentHead(hidden=3584, autoencoder_kwargs=flux_autoencoder_kwargs(), max_latent_side=64)
-    return ChatUMM(backbone=backbone, vit=vit, vae=vae, mask_builder=MaskBuilder(), timestep_shift=timestep_shift)
+    return ChatUMM(
+        backbone=backbone,
+        vit=vit,
+        vae=vae,
+        mask_builder=MaskBuilder(),
+        timestep_shift=timestep_shift,
+        sample_posterior=sample_posterior,
+    )
 
 
 def flux_autoencoder_kwargs() -> dict[str, Any]:

@@ -51,6 +51,7 @@ from chatumm_kit.components.layers import PositionTable2D, TimestepEmbedder
 
 __all__ = [
     "FLUX_VAE_KWARGS",
+    "LatentPosterior",
     "VAELatentHead",
     "VAELoss",
     "autoencoder_config",
@@ -147,6 +148,27 @@ class VAELoss:
     total: torch.Tensor
     reconstruction: torch.Tensor
     kl: torch.Tensor
+
+
+@dataclass
+class LatentPosterior:
+    """The autoencoder's posterior of one image in normalised latent units: ``N(mean, std²)`` per element.
+
+    Attributes:
+        mean: ``[C, h, w]`` the posterior mean (what :meth:`VAELatentHead.encode` returns).
+        std: ``[C, h, w]`` its standard deviation, or ``None`` when only the mean was kept (then no sampling).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor | None = None
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        """``mean + std · noise`` (``noise`` ~ N(0, I), shaped like ``mean``)."""
+        if self.std is None:
+            raise ValueError("LatentPosterior.sample: this posterior holds only the mean (std=None); cache the std too")
+        if noise.shape != self.mean.shape:
+            raise ValueError(f"LatentPosterior.sample: noise {tuple(noise.shape)} != mean {tuple(self.mean.shape)}")
+        return self.mean + self.std * noise.to(self.mean.dtype)
 
 
 class VAELatentHead(L.LightningModule):
@@ -256,21 +278,33 @@ class VAELatentHead(L.LightningModule):
         return z / self.scaling_factor + self.shift_factor
 
     def encode(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Images in ``[-1, 1]`` -> normalised latents (posterior mode; images of one size are batched together).
+        """Images in ``[-1, 1]`` -> normalised latents (posterior mode = mean; images of one size are batched together).
 
         Shapes:
             ``images: list of [3, H, W] -> list of [C, H/d, W/d]`` (``d`` = downsample factor).
         """
+        return [m.mean for m in self.posterior(images)]
+
+    def posterior(self, images: Sequence[torch.Tensor]) -> list[LatentPosterior]:
+        """Images in ``[-1, 1]`` -> the autoencoder's Gaussian posterior of each, in normalised latent units.
+
+        What to cache offline (``mean`` and ``std`` per image) and pass to ``ChatUMM(..., latents=...)``; a sample is
+        :meth:`LatentPosterior.sample` (SPEC §4.1: BAGEL trains on ``mean + σ·ε``).
+
+        Shapes:
+            ``images: list of [3, H, W] -> list of LatentPosterior([C, H/d, W/d], [C, H/d, W/d])``.
+        """
         for image in images:
-            self._check_image(image, "encode")
-        out: list[torch.Tensor | None] = [None] * len(images)
+            self._check_image(image, "posterior")
+        out: list[LatentPosterior | None] = [None] * len(images)
         dtype = next(self.autoencoder.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_autoencoder):
             for idx in self._by_size(images).values():
                 x = torch.stack([images[i] for i in idx]).to(dtype)
-                z = self.normalize(self.autoencoder.encode(x).latent_dist.mode())
-                for i, zi in zip(idx, z):
-                    out[i] = zi
+                dist = self.autoencoder.encode(x).latent_dist
+                mean, std = self.normalize(dist.mean), self.scaling_factor * dist.std
+                for k, i in enumerate(idx):
+                    out[i] = LatentPosterior(mean=mean[k], std=std[k])
         return out  # type: ignore[return-value]
 
     def decode(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -149,6 +149,7 @@ def chatumm_bagel(
     vit: Mapping[str, Any],
     vae: Mapping[str, Any],
     timestep_shift: float = 1.0,
+    sample_posterior: bool = True,
     autoencoder: AutoencoderKL | None = None,
 ) -> ChatUMM:
     """A ChatUMM of BAGEL's architecture at any size, from its components' keyword arguments.
@@ -158,6 +159,7 @@ def chatumm_bagel(
         vit: :class:`~chatumm_kit.components.vit.ViTEncoder` arguments.
         vae: :class:`~chatumm_kit.components.vae.VAELatentHead` arguments with ``autoencoder_kwargs``.
         timestep_shift: training timestep shift (SPEC §4).
+        sample_posterior: train on latents sampled from the VAE posterior (``mean + σ·ε``), as BAGEL does (SPEC §4.1).
         autoencoder: a built autoencoder to use instead of building one from ``vae["autoencoder_kwargs"]``
             (a runtime object; the loaders pass the one they read).
 
@@ -176,6 +178,7 @@ def chatumm_bagel(
         vae=VAELatentHead(**vae_kwargs),
         mask_builder=MaskBuilder(),
         timestep_shift=timestep_shift,
+        sample_posterior=sample_posterior,
     )
 
 

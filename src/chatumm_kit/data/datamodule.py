@@ -65,6 +65,7 @@ from chatumm_kit.data.streaming import (
     StreamStall,
     sources_fingerprint,
 )
+from chatumm_kit.data.view_sizing import ViewSizing, resolve_view_sizing
 from chatumm_kit.data.word_noise import WordNoise
 
 __all__ = ["DialogueDataModule", "DataStallError", "SourceSpec", "StreamBatch"]
@@ -192,7 +193,10 @@ class DialogueDataModule(L.LightningDataModule):
         train_sources: :class:`SourceSpec` s or mappings ``{name, shards, weight}`` (YAML-friendly).
         val_sources: same, for validation (non-resampled, file order, no CFG dropout); ``None`` for none.
         tokenizer: a :class:`ChatTokenizer`, or the path of a ``tokenizer.json`` / tokenizer directory.
-        vit_patch_size / vae_token_stride / max_image_side / pad_to_multiple: :class:`Packer` settings.
+        vit_patch_size / vae_token_stride / max_image_side / view_sizing / pad_to_multiple: :class:`Packer`
+            settings. ``view_sizing`` (a :class:`~chatumm_kit.data.view_sizing.ViewSizing`, a mapping
+            ``{vit: {min_side, max_side, stride, max_pixels}, vae: {...}}`` or a preset name such as ``bagel``) sizes
+            each view on its own (SPEC §4.1); without it both views shrink to ``max_image_side``.
         token_budget: tokens per packed batch.
         max_sample_tokens: longest sample kept (default ``token_budget``); longer ones are skipped and counted.
         overflow_size: samples that may wait in the batcher's overflow buffer.
@@ -226,9 +230,10 @@ class DialogueDataModule(L.LightningDataModule):
         train_sources: Sequence[SourceSpec | Mapping[str, Any]],
         val_sources: Sequence[SourceSpec | Mapping[str, Any]] | None = None,
         tokenizer: ChatTokenizer | str | Path,
-        vit_patch_size: int = 14,
-        vae_token_stride: int = 16,
+        vit_patch_size: int | None = None,
+        vae_token_stride: int | None = None,
         max_image_side: int = 980,
+        view_sizing: ViewSizing | Mapping[str, Any] | str | None = None,
         pad_to_multiple: int = 1,
         token_budget: int = 4096,
         max_sample_tokens: int | None = None,
@@ -269,10 +274,15 @@ class DialogueDataModule(L.LightningDataModule):
         if word_noise is not None and not isinstance(word_noise, WordNoise):
             raise ValueError(f"DialogueDataModule.word_noise must be a WordNoise, got {type(word_noise).__name__}")
         self.word_noise = word_noise
-        self.packer_kwargs = dict(
+        self.view_sizing = resolve_view_sizing(
+            view_sizing,
             vit_patch_size=vit_patch_size,
             vae_token_stride=vae_token_stride,
             max_image_side=max_image_side,
+            where="DialogueDataModule",
+        )
+        self.packer_kwargs = dict(
+            view_sizing=self.view_sizing,
             pad_to_multiple=pad_to_multiple,
         )
         self.token_budget = int(token_budget)

@@ -1,7 +1,8 @@
 """Pixel views of one image for the stream: the ViT view (patches) and the VAE view (pixels in [-1, 1]) (SPEC §2, §4).
 
-Both views keep the image's native aspect ratio as well as a grid allows: each side is rounded to a multiple of the
-view's token stride (ViT patch size, or VAE downsample × latent patch = 16 for FLUX) and capped at ``max_side``.
+Both views keep the image's native aspect ratio as well as a grid allows: each side is a multiple of the view's token
+stride (ViT patch size, or VAE downsample × latent patch = 16 for FLUX); the sizes themselves follow a
+:class:`~chatumm_kit.data.view_sizing.ViewSizing` policy.
 
 Example:
     >>> fit_size(32, 48, multiple=14, max_side=980)
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from chatumm_kit.components.layers import grid_rc  # the token grid of a view (re-exported for the data tier)
+from chatumm_kit.data.view_sizing import ViewRule
 
 __all__ = ["fit_size", "resize_image", "vit_patches", "vae_pixels", "grid_rc"]
 
@@ -26,23 +28,10 @@ __all__ = ["fit_size", "resize_image", "vit_patches", "vae_pixels", "grid_rc"]
 def fit_size(height: int, width: int, *, multiple: int, max_side: int) -> tuple[int, int]:
     """Target ``(h, w)``: multiples of ``multiple``, each ``<= max_side``, aspect ratio kept as well as possible.
 
-    The image is first scaled down (never up) so its longer side fits the cap, then each side is rounded to the
-    nearest multiple (at least one ``multiple``, at most the cap).
+    The image is scaled down (never up) so its longer side fits the cap, then each side is rounded to the nearest
+    multiple (at least one ``multiple``): :class:`~chatumm_kit.data.view_sizing.ViewRule` with no minimum side.
     """
-    if multiple < 1:
-        raise ValueError(f"fit_size: multiple must be >= 1, got {multiple}")
-    cap = (max_side // multiple) * multiple
-    if cap < multiple:
-        raise ValueError(f"fit_size: max_side={max_side} is smaller than one grid cell of {multiple} pixels")
-    if height < 1 or width < 1:
-        raise ValueError(f"fit_size: empty image {height}x{width}")
-    scale = min(1.0, cap / max(height, width))
-
-    def side(n: int) -> int:
-        cells = int(n * scale / multiple + 0.5)  # round half up, deterministic
-        return min(cap, max(multiple, cells * multiple))
-
-    return side(height), side(width)
+    return ViewRule(max_side=max_side, stride=multiple).size(height, width)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

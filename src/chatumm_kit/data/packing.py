@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,8 +52,8 @@ from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.splits import Modality
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import DialogueError, DialogueSample, ImageSegment, Role, TextSegment
-from chatumm_kit.data.image_views import fit_size
 from chatumm_kit.data.stream_layout import DocumentPlan, StreamBuilder, StreamPiece, TurnPlan, document_labels
+from chatumm_kit.data.view_sizing import ViewSizes, ViewSizing, resolve_view_sizing
 
 __all__ = [
     "CFGDropRates",
@@ -112,7 +113,11 @@ class Packer:
         tokenizer: the chat tokenizer (role ids and the role-prefix template).
         vit_patch_size: ViT patch side in pixels; ViT views are resized to multiples of it.
         vae_token_stride: pixels per VAE token side (VAE downsample × latent patch: 8 × 2 = 16 for FLUX).
-        max_image_side: cap on both sides of either view, in pixels.
+        max_image_side: cap on both sides of either view, in pixels (the shorthand for
+            ``ViewSizing.capped(...)``, used when ``view_sizing`` is not given).
+        view_sizing: the per-view sizing policy (:class:`~chatumm_kit.data.view_sizing.ViewSizing`, a mapping
+            ``{vit: {...}, vae: {...}}`` or a preset name such as ``"bagel"``). Its strides are the ViT patch size
+            and the VAE token stride; ``vit_patch_size`` / ``vae_token_stride``, if given too, must agree.
         vit_mean / vit_std: per-channel normalisation of ViT pixels (after scaling to ``[0, 1]``).
         drop_rates: CFG dropout rates for droppable segments (``CFGDropRates.disabled()`` for none).
         pad_to_multiple: pad the sequence length to a multiple of this (e.g. the flex-attention block size).
@@ -127,9 +132,10 @@ class Packer:
         self,
         *,
         tokenizer: ChatTokenizer,
-        vit_patch_size: int = 14,
-        vae_token_stride: int = 16,
+        vit_patch_size: int | None = None,
+        vae_token_stride: int | None = None,
         max_image_side: int = 980,
+        view_sizing: ViewSizing | Mapping[str, Any] | str | None = None,
         vit_mean: Sequence[float] = (0.5, 0.5, 0.5),
         vit_std: Sequence[float] = (0.5, 0.5, 0.5),
         drop_rates: CFGDropRates | Mapping[str, float] = CFGDropRates(),
@@ -137,11 +143,13 @@ class Packer:
     ) -> None:
         if not isinstance(tokenizer, ChatTokenizer):
             raise TypeError(f"Packer(tokenizer=...) expects a ChatTokenizer, got {type(tokenizer).__name__}")
-        for name, v in (("vit_patch_size", vit_patch_size), ("vae_token_stride", vae_token_stride)):
-            if int(v) < 1:
-                raise ValueError(f"Packer({name}={v}): must be >= 1")
-            if max_image_side < v:
-                raise ValueError(f"Packer(max_image_side={max_image_side}) is smaller than {name}={v}")
+        self.view_sizing = resolve_view_sizing(
+            view_sizing,
+            vit_patch_size=vit_patch_size,
+            vae_token_stride=vae_token_stride,
+            max_image_side=max_image_side,
+            where="Packer",
+        )
         if len(vit_mean) != 3 or len(vit_std) != 3 or any(float(s) <= 0 for s in vit_std):
             raise ValueError(f"Packer: vit_mean/vit_std need 3 values, std > 0; got {vit_mean}, {vit_std}")
         if int(pad_to_multiple) < 1:
@@ -153,20 +161,17 @@ class Packer:
                 f"Packer(drop_rates=...) expects CFGDropRates or a mapping, got {type(drop_rates).__name__}"
             )
         self.tokenizer = tokenizer
-        self.vit_patch_size = int(vit_patch_size)
-        self.vae_token_stride = int(vae_token_stride)
-        self.max_image_side = int(max_image_side)
+        self.vit_patch_size = self.view_sizing.vit.stride
+        self.vae_token_stride = self.view_sizing.vae.stride
         self.vit_mean = tuple(float(m) for m in vit_mean)
         self.vit_std = tuple(float(s) for s in vit_std)
         self.drop_rates = drop_rates
         self.pad_to_multiple = int(pad_to_multiple)
 
     # ------------------------------------------------------------------ planning
-    def view_sizes(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Resized ``(vit_hw, vae_hw)`` of an ``height × width`` image."""
-        vit = fit_size(height, width, multiple=self.vit_patch_size, max_side=self.max_image_side)
-        vae = fit_size(height, width, multiple=self.vae_token_stride, max_side=self.max_image_side)
-        return vit, vae
+    def view_sizes(self, height: int, width: int) -> ViewSizes:
+        """Resized ``(vit_hw, vae_hw)`` of an ``height × width`` image (the packer's :class:`ViewSizing`)."""
+        return self.view_sizing.sizes(height, width)
 
     def plan(self, sample: DialogueSample) -> DocumentPlan:
         """Serialise ``sample`` to pieces (tokenise text, fix view sizes); no dropout, no pixels touched."""

@@ -64,6 +64,7 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, Segment, TextSegment, Turn
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.data.stream_layout import StreamPiece
+from chatumm_kit.data.view_sizing import ViewSizing, coerce_view_sizing, resolve_view_sizing
 from chatumm_kit.inference.cfg_contexts import (
     ContextMark,
     GuidanceContexts,
@@ -117,10 +118,18 @@ class SessionConfig:
     Attributes:
         vit_patch_size: ViT patch side (the model's ViT patch size).
         vae_token_stride: pixels per VAE token side (VAE downsample × latent patch).
-        max_image_side: cap on both sides of an image view.
-        image_size: ``(H, W)`` of generated images (rounded to the VAE view grid like any image).
+        max_image_side: cap on both sides of an image view when ``view_sizing`` is not given.
+        image_size: ``(H, W)`` of generated images (sized by the VAE view's rule like any image), unless
+            ``edits_at_input_size`` picks the input's size.
         vit_mean, vit_std: ViT pixel normalisation.
         dialogue_id: id of the session's dialogue.
+        view_sizing: the per-view sizing policy the model was trained with
+            (:class:`~chatumm_kit.data.view_sizing.ViewSizing`, a mapping or a preset name such as ``"bagel"``);
+            ``None``: both views shrink to ``max_image_side`` (the original rule). Its strides must equal
+            ``vit_patch_size`` and ``vae_token_stride``.
+        edits_at_input_size: an image reply to a user turn (block) that holds an image comes out at the size of
+            that image's VAE view — the last one given — as BAGEL answers edits (SPEC §4.1); otherwise, and when
+            off, at ``image_size``.
 
     Example:
         >>> SessionConfig(vit_patch_size=8, vae_token_stride=8, max_image_side=32, image_size=(32, 32)).image_size
@@ -134,6 +143,24 @@ class SessionConfig:
     vit_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     vit_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     dialogue_id: str = "chat"
+    view_sizing: ViewSizing | None = None
+    edits_at_input_size: bool = True
+
+    def __post_init__(self) -> None:
+        if self.view_sizing is not None:
+            object.__setattr__(self, "view_sizing", coerce_view_sizing(self.view_sizing, where="SessionConfig"))
+        self.sizing  # noqa: B018 - checks the strides against view_sizing now, not at the first image
+
+    @property
+    def sizing(self) -> ViewSizing:
+        """The effective :class:`ViewSizing` (``view_sizing``, or the capped rule from ``max_image_side``)."""
+        return resolve_view_sizing(
+            self.view_sizing,
+            vit_patch_size=self.vit_patch_size,
+            vae_token_stride=self.vae_token_stride,
+            max_image_side=self.max_image_side,
+            where="SessionConfig",
+        )
 
     def __post_init__(self) -> None:
         size = tuple(self.image_size)
@@ -164,7 +191,7 @@ class SessionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionConfig:
         """From :func:`dataclasses.asdict` output (JSON lists become tuples)."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # view_sizing: coerced
 
 
 @dataclass
@@ -242,15 +269,16 @@ class ChatSession:
             )
         if tokenizer.vocab_size > model.vocab_size:
             raise ValueError(f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's {model.vocab_size}")
+        config.sizing.check_tables(
+            vit_max_patches_per_side=model.vit_max_patches_per_side, max_latent_side=model.max_latent_side
+        )
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.packer = Packer(
             tokenizer=tokenizer,
-            vit_patch_size=config.vit_patch_size,
-            vae_token_stride=config.vae_token_stride,
-            max_image_side=config.max_image_side,
+            view_sizing=config.sizing,
             vit_mean=config.vit_mean,
             vit_std=config.vit_std,
             drop_rates=CFGDropRates.disabled(),
@@ -508,7 +536,7 @@ class ChatSession:
         """Sample one image with three-context CFG (a :class:`VelocityStep` per Euler step), decode it, and append it
         as clean context. Returns key, image, the full context's last output."""
         run, model = self.runner, self.model
-        _, (vae_h, vae_w) = self.packer.view_sizes(*self.config.image_size)
+        vae_h, vae_w = self.reply_image_size()
         stride = self.config.vae_token_stride
         grid = (vae_h // stride, vae_w // stride)
         full, text_uncond, image_uncond = self._contexts.stored()
@@ -523,6 +551,19 @@ class ChatSession:
         chunk = run.embed(pieces, self.images)
         hidden = self._contexts.extend(chunk, [True] * len(pieces), [False] * len(pieces))
         return key, image, hidden
+
+    def reply_image_size(self) -> tuple[int, int]:
+        """``(h, w)`` of the next generated image: the VAE view of the last image in the pending user block when
+        ``config.edits_at_input_size`` (an edit keeps its input's size, SPEC §4.1), else ``config.image_size`` sized
+        by the VAE view's rule (so 1024×1024, 768×1024 or 576×1024 under the BAGEL policy)."""
+        if self.config.edits_at_input_size:
+            for turn in reversed(self.dialogue.turns):
+                if turn.role is not Role.USER:
+                    break
+                if turn.image_keys:
+                    image = self.images[turn.image_keys[-1]]
+                    return self.packer.view_sizes(int(image.shape[1]), int(image.shape[2])).vae
+        return self.packer.view_sizes(*self.config.image_size).vae
 
     # ------------------------------------------------------------------ rollback
     @torch.no_grad()
