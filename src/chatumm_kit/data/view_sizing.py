@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
-__all__ = ["ViewRule", "ViewSizes", "ViewSizing", "coerce_view_sizing", "resolve_view_sizing"]
+__all__ = ["ViewRule", "ViewSizes", "ViewSizing", "coerce_view_sizing", "resolve_view_sizing", "view_sizing_of_data"]
 
 
 def _snap(n: float, stride: int, *, down: bool = False) -> int:
@@ -232,3 +232,23 @@ def resolve_view_sizing(
         if given is not None and int(given) != stride:
             raise ValueError(f"{where}: {name}={given} disagrees with view_sizing's stride {stride}")
     return sizing
+
+
+def view_sizing_of_data(data: Mapping[str, Any]) -> ViewSizing:
+    """The sizing a recipe's ``data`` node (a :class:`~chatumm_kit.data.datamodule.DialogueDataModule`) trained
+    with: its ``view_sizing``, or the capped rule from ``vit_patch_size`` / ``vae_token_stride`` /
+    ``max_image_side`` (the datamodule's defaults where absent) — what chat and evaluation size images by.
+
+    Example:
+        >>> view_sizing_of_data({"view_sizing": "bagel"}).vae.min_side
+        512
+        >>> view_sizing_of_data({"vit_patch_size": 8, "vae_token_stride": 8, "max_image_side": 32}).vit
+        ViewRule(max_side=32, stride=8, min_side=0, max_pixels=None)
+    """
+    return resolve_view_sizing(
+        data.get("view_sizing"),
+        vit_patch_size=data.get("vit_patch_size"),
+        vae_token_stride=data.get("vae_token_stride"),
+        max_image_side=int(data.get("max_image_side", 980)),
+        where="data",
+    )
