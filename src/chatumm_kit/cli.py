@@ -103,7 +103,15 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a ChatUMMSystem checkpoint (.ckpt file or sharded folder)")
     p.add_argument("--script", help="a JSON-lines dialogue script to play instead of chatting interactively")
     p.add_argument("--out", default="chat_out", help="where generated images (and replies.jsonl) go")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=(32, 32), help="generated image size")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="generated image size (default: square at the training data's VAE view cap, e.g. 1024 for BAGEL "
+        "sizing, 32 for ShapesChat); a reply to an image keeps that image's size",
+    )
     p.add_argument("--steps", type=int, default=50, help="Euler steps per generated image")
     p.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale")
     p.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale")
@@ -122,7 +130,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     from chatumm_kit.inference.chat_loop import interactive, play_script
     from chatumm_kit.inference.sampler import SamplerConfig
     from chatumm_kit.inference.session import ChatSession, SessionConfig, check_reply_options
-    from chatumm_kit.training.loading import load_checkpoint
+    from chatumm_kit.training.loading import checkpoint_view_sizing, load_checkpoint
 
     # Settings and the script are checked before the (slow) checkpoint load: a typo costs one line, not a minute.
     try:
@@ -131,7 +139,8 @@ def _run_chat(args: argparse.Namespace) -> int:
         )
         respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
         check_reply_options(top_p=1.0, max_segments=4, **respond_kwargs)
-        SessionConfig(image_size=tuple(args.image_size))
+        if args.image_size:
+            SessionConfig(image_size=tuple(args.image_size))
         if args.script and not Path(args.script).is_file():
             raise ValueError(f"no such script file: {args.script}")
         loaded = load_checkpoint(args.checkpoint, use_ema=False if args.no_ema else None)
@@ -142,7 +151,9 @@ def _run_chat(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = SessionConfig.for_model(loaded.model, image_size=tuple(args.image_size))
+    sizing = checkpoint_view_sizing(args.checkpoint)  # the training data's view sizing (SPEC §4.1)
+    image_size = tuple(args.image_size) if args.image_size else (None if sizing else (32, 32))
+    config = SessionConfig.for_model(loaded.model, image_size=image_size, view_sizing=sizing)
     session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config)
     out = Path(args.out)
     if args.script:

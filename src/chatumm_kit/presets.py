@@ -144,12 +144,12 @@ def chatumm_bagel_7b(
     attn_backend: str = "flex",
     gradient_checkpointing: bool = True,
     timestep_shift: float = 1.0,
-    sample_posterior: bool = True,
+    sample_posterior: bool = False,
 ) -> ChatUMM:
     """The BAGEL-7B-MoT shapes (SPEC §5): Qwen2.5-7B MoT, SigLIP so400m (26 of 27 layers), FLUX VAE.
 
     Build it under ``torch.device("meta")`` to inspect or shard it without allocating; weights come from
-    :mod:`chatumm_kit.convert.bagel`. Latents are sampled from the VAE posterior in training, as BAGEL trains.
+    :mod:`chatumm_kit.convert.bagel`. ``sample_posterior=True`` trains on latents sampled from the VAE posterior, as BAGEL does (the BAGEL recipes set it).
     """
     backbone = MoTBackbone(
         vocab_size=vocab_size,

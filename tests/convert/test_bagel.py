@@ -189,6 +189,25 @@ def test_kit_folder_with_an_old_preset_spec_still_loads(loaded, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_flow_settings_are_model_spec_keys_for_every_model(loaded, tmp_path):
+    """timestep_shift and sample_posterior are recipe keys of a kit folder (a converted BAGEL) as of every preset."""
+    save_kit_folder(loaded.model, loaded.model_spec, tmp_path / "kit", tokenizer=loaded.tokenizer)
+    kit = {"_component_": "chatumm_kit.convert.bagel.kit_folder", "path": str(tmp_path / "kit")}
+    plain = build_model(kit)
+    assert (plain.timestep_shift, plain.sample_posterior) == (1.0, False)
+    tuned = build_model({**kit, "timestep_shift": 3.0, "sample_posterior": True})
+    assert (tuned.timestep_shift, tuned.sample_posterior) == (3.0, True)
+    converted = build_model({**loaded.model_spec, "timestep_shift": 2.0, "sample_posterior": True})
+    assert (converted.timestep_shift, converted.sample_posterior) == (2.0, True)
+    tiny = build_model({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": 64, "sample_posterior": True})
+    assert tiny.sample_posterior and build_model({"preset": "chatumm_tiny", "vocab_size": 64}).sample_posterior is False
+    with torch.device("meta"):
+        big = build_model(
+            {"_component_": "chatumm_kit.presets.chatumm_bagel_7b", "timestep_shift": 3.0, "sample_posterior": True}
+        )
+    assert (big.timestep_shift, big.sample_posterior) == (3.0, True)
+
+
 def test_dtype_casts_while_reading(tiny):
     model = load_bagel(tiny.folder, dtype=torch.bfloat16, attn_backend="sdpa").model
     assert model.backbone.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

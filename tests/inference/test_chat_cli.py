@@ -82,3 +82,15 @@ def test_generation_preview_renders_one_tile_per_prompt_deterministically(traine
     assert a.shape == (2, 3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b)
     assert not loaded.model.training  # load_checkpoint returns eval mode and render restores it
+
+
+def test_chat_sizes_images_as_the_training_data_did(trained_checkpoint):
+    """The checkpoint's recipe says how its data sized views; chat uses the same rule (SPEC §4.1)."""
+    from chatumm_kit.data.view_sizing import ViewSizing
+    from chatumm_kit.training.loading import checkpoint_view_sizing
+
+    sizing = checkpoint_view_sizing(trained_checkpoint)
+    assert sizing == ViewSizing.capped(vit_patch_size=8, vae_token_stride=8, max_side=32)
+    loaded = load_checkpoint(trained_checkpoint)
+    config = SessionConfig.for_model(loaded.model, view_sizing=sizing)
+    assert config.image_size == (32, 32) and config.sizing == sizing

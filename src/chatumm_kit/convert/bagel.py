@@ -149,7 +149,7 @@ def chatumm_bagel(
     vit: Mapping[str, Any],
     vae: Mapping[str, Any],
     timestep_shift: float = 1.0,
-    sample_posterior: bool = True,
+    sample_posterior: bool = False,
     autoencoder: AutoencoderKL | None = None,
 ) -> ChatUMM:
     """A ChatUMM of BAGEL's architecture at any size, from its components' keyword arguments.
@@ -159,7 +159,8 @@ def chatumm_bagel(
         vit: :class:`~chatumm_kit.components.vit.ViTEncoder` arguments.
         vae: :class:`~chatumm_kit.components.vae.VAELatentHead` arguments with ``autoencoder_kwargs``.
         timestep_shift: training timestep shift (SPEC §4).
-        sample_posterior: train on latents sampled from the VAE posterior (``mean + σ·ε``), as BAGEL does (SPEC §4.1).
+        sample_posterior: train on latents sampled from the VAE posterior (``mean + σ·ε``), as BAGEL does (SPEC §4.1;
+            the BAGEL recipes turn it on).
         autoencoder: a built autoencoder to use instead of building one from ``vae["autoencoder_kwargs"]``
             (a runtime object; the loaders pass the one they read).
 
@@ -590,15 +591,28 @@ def load_kit_folder(
     return KitFolder(module=module.eval(), spec=spec, tokenizer=tokenizer)
 
 
-def kit_folder(*, path: str, attn_backend: str | None = None, gradient_checkpointing: bool | None = None) -> ChatUMM:
+def kit_folder(
+    *,
+    path: str,
+    attn_backend: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    timestep_shift: float | None = None,
+    sample_posterior: bool | None = None,
+) -> ChatUMM:
     """The model saved in a kit folder (``chatumm convert bagel-to-kit BAGEL_DIR KIT_DIR``), weights included: the
     ``_component_`` a recipe names under ``system.model`` to fine-tune a converted model.
 
-    ``attn_backend`` / ``gradient_checkpointing`` override the saved settings (e.g. ``sdpa`` on CPU).
+    ``attn_backend`` / ``gradient_checkpointing`` override the saved settings (e.g. ``sdpa`` on CPU); so do the flow
+    settings ``timestep_shift`` (training timestep shift, SPEC §4) and ``sample_posterior`` (latents sampled from
+    the VAE posterior in training, SPEC §4.1) — recipe keys like any model spec's.
     """
     model = load_kit_folder(path).module
     if attn_backend is not None:
         model.backbone.config = replace(model.backbone.config, attn_backend=attn_backend)
     if gradient_checkpointing is not None:
         model.backbone.config = replace(model.backbone.config, gradient_checkpointing=gradient_checkpointing)
+    if timestep_shift is not None:
+        model.timestep_shift = float(timestep_shift)
+    if sample_posterior is not None:
+        model.sample_posterior = bool(sample_posterior)
     return model.train()

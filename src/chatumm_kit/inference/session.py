@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,11 +146,6 @@ class SessionConfig:
     view_sizing: ViewSizing | None = None
     edits_at_input_size: bool = True
 
-    def __post_init__(self) -> None:
-        if self.view_sizing is not None:
-            object.__setattr__(self, "view_sizing", coerce_view_sizing(self.view_sizing, where="SessionConfig"))
-        self.sizing  # noqa: B018 - checks the strides against view_sizing now, not at the first image
-
     @property
     def sizing(self) -> ViewSizing:
         """The effective :class:`ViewSizing` (``view_sizing``, or the capped rule from ``max_image_side``)."""
@@ -169,24 +164,47 @@ class SessionConfig:
         for name in ("vit_patch_size", "vae_token_stride", "max_image_side"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SessionConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.view_sizing is not None:
+            object.__setattr__(self, "view_sizing", coerce_view_sizing(self.view_sizing, where="SessionConfig"))
+        self.sizing  # noqa: B018 - checks the strides against view_sizing now, not at the first image
 
     @classmethod
-    def for_model(cls, model: ChatUMM, *, image_size: int | tuple[int, int]) -> SessionConfig:
+    def for_model(
+        cls,
+        model: ChatUMM,
+        *,
+        image_size: int | tuple[int, int] | None = None,
+        view_sizing: ViewSizing | Mapping[str, Any] | str | None = None,
+    ) -> SessionConfig:
         """The stream settings ``model`` was trained with — its ViT patch and its VAE stride (downsample × latent
-        patch) — for images of ``image_size`` (``side`` or ``(H, W)``; generated ones too) with no resizing
-        (``max_image_side`` = the larger side, as in ``recipes/shapes/chat_tiny.yaml``).
+        patch) — and the view sizing of its training data.
+
+        Args:
+            model: the model.
+            image_size: generated images' ``side`` or ``(H, W)``; default: square at the VAE view's cap (1024² under
+                the BAGEL policy).
+            view_sizing: the data's :class:`ViewSizing` (``view_sizing_of_data`` reads it off a recipe). ``None``:
+                images of ``image_size`` with no resizing (``max_image_side`` = its larger side, as in
+                ``recipes/shapes/chat_tiny.yaml``).
 
         Example:
             >>> SessionConfig.for_model(model, image_size=32).vae_token_stride      # chatumm_tiny   # doctest: +SKIP
             8
+            >>> SessionConfig.for_model(bagel, view_sizing="bagel").image_size      # doctest: +SKIP
+            (1024, 1024)
         """
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        return cls(
-            vit_patch_size=model.vit_patch_size,
-            vae_token_stride=model.vae_token_stride,
-            max_image_side=max(size),
-            image_size=size,
-        )
+        vit_patch, vae_stride = model.vit_patch_size, model.vae_token_stride
+        if view_sizing is None:
+            if image_size is None:
+                raise ValueError("SessionConfig.for_model: give image_size or view_sizing")
+            size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+            return cls(vit_patch_size=vit_patch, vae_token_stride=vae_stride, max_image_side=max(size), image_size=size)
+        sizing = coerce_view_sizing(view_sizing, where="SessionConfig.for_model")
+        if image_size is None:
+            size = (sizing.vae.cap, sizing.vae.cap)
+        else:
+            size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        return cls(vit_patch_size=vit_patch, vae_token_stride=vae_stride, image_size=size, view_sizing=sizing)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionConfig:

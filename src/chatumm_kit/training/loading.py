@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config import instantiate
+from chatumm_kit.data.view_sizing import ViewSizing, view_sizing_of_data
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.presets import build_model, model_spec
 from chatumm_kit.training.adapters import apply_lora
@@ -37,7 +39,13 @@ from chatumm_kit.training.checkpoints import is_sharded_checkpoint, read_weights
 from chatumm_kit.training.ema import EMA_CALLBACK_MARKER, EMA_KEY_PREFIX
 from chatumm_kit.training.resume import describe_load_error, unreadable_message
 
-__all__ = ["LoadedModel", "load_checkpoint", "checkpoint_hyperparameters", "checkpoint_has_ema"]
+__all__ = [
+    "LoadedModel",
+    "load_checkpoint",
+    "checkpoint_hyperparameters",
+    "checkpoint_has_ema",
+    "checkpoint_view_sizing",
+]
 
 _META_FILE = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the DCP shards (hyperparameters, ...)
 
@@ -92,6 +100,16 @@ def checkpoint_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
             f"(hyper_parameters keys: {sorted(hparams) if isinstance(hparams, Mapping) else None})"
         )
     return dict(hparams)
+
+
+def checkpoint_view_sizing(checkpoint: str | Path) -> ViewSizing | None:
+    """The view sizing the checkpoint's training data used (its ``data`` node, from the recipe ``chatumm train``
+    stores in every checkpoint), or ``None`` when the checkpoint carries no recipe with a ``data`` node."""
+    recipe = _metadata_of(Path(checkpoint)).get("recipe")
+    if not isinstance(recipe, str):
+        return None
+    data = OmegaConf.to_container(OmegaConf.create(recipe)).get("data")
+    return view_sizing_of_data(data) if isinstance(data, Mapping) else None
 
 
 def checkpoint_has_ema(checkpoint: str | Path) -> bool:
