@@ -127,6 +127,12 @@ def test_coerce_from_yaml_forms() -> None:
     assert coerce_view_sizing("bagel") == ViewSizing.bagel()
     as_dict = ViewSizing.bagel().to_dict()
     assert coerce_view_sizing(as_dict) == ViewSizing.bagel()
+    node = {"_component_": "chatumm_kit.data.view_sizing.ViewSizing",  # a recipe's node, as stored in a checkpoint
+            **{k: {"_component_": "chatumm_kit.data.view_sizing.ViewRule", **v} for k, v in as_dict.items()}}  # fmt: skip
+    assert coerce_view_sizing(node) == ViewSizing.bagel()
+    capped = {"_component_": "chatumm_kit.data.view_sizing.ViewSizing.capped", "vit_patch_size": 4,
+              "vae_token_stride": 4, "max_side": 16}  # fmt: skip
+    assert coerce_view_sizing(capped) == ViewSizing.capped(vit_patch_size=4, vae_token_stride=4, max_side=16)
     with pytest.raises(ValueError, match="unknown preset 'flux'"):
         coerce_view_sizing("flux")
     with pytest.raises(ValueError, match="expected keys 'vit' and 'vae'"):

@@ -187,6 +187,14 @@ class ViewSizing:
         return cls.capped(vit_patch_size=vit_patch_size, vae_token_stride=vae_token_stride, max_side=image_size)
 
 
+def _without_component(node: Any, name: str, where: str) -> Any:
+    if not isinstance(node, Mapping) or "_component_" not in node:
+        return node
+    if node["_component_"] != f"{__name__}.{name}":
+        raise ValueError(f"{where}: _component_ {node['_component_']!r} is not {__name__}.{name}")
+    return {k: v for k, v in node.items() if k != "_component_"}
+
+
 def coerce_view_sizing(value: ViewSizing | Mapping[str, Any] | str, *, where: str = "view_sizing") -> ViewSizing:
     """A :class:`ViewSizing` from itself, a mapping ``{vit: {...}, vae: {...}}`` or a preset name (``bagel``)."""
     if isinstance(value, ViewSizing):
@@ -196,11 +204,15 @@ def coerce_view_sizing(value: ViewSizing | Mapping[str, Any] | str, *, where: st
         if value not in presets:
             raise ValueError(f"{where}: unknown preset {value!r} (expected one of {sorted(presets)})")
         return presets[value]()
-    if isinstance(value, Mapping):
-        extra = set(value) - {"vit", "vae"}
-        if extra or set(value) != {"vit", "vae"}:
+    if isinstance(value, Mapping):  # YAML / JSON, also a recipe node not yet built (``_component_`` keys dropped)
+        preset = {f"{__name__}.ViewSizing.{n}": getattr(ViewSizing, n) for n in ("bagel", "capped", "shapes")}
+        if value.get("_component_") in preset:
+            return preset[value["_component_"]](**{k: v for k, v in value.items() if k != "_component_"})
+        value = _without_component(value, "ViewSizing", where)
+        if set(value) != {"vit", "vae"}:
             raise ValueError(f"{where}: expected keys 'vit' and 'vae', got {sorted(value)}")
-        return ViewSizing(vit=value["vit"], vae=value["vae"])
+        rules = {k: _without_component(v, "ViewRule", f"{where}.{k}") for k, v in value.items()}
+        return ViewSizing(vit=rules["vit"], vae=rules["vae"])
     raise TypeError(f"{where}: expected a ViewSizing, a mapping or a preset name, got {type(value).__name__}")
 
 
