@@ -163,6 +163,8 @@ class Packer:
         self.tokenizer = tokenizer
         self.vit_patch_size = self.view_sizing.vit.stride
         self.vae_token_stride = self.view_sizing.vae.stride
+        # The longest side any view can have: decoding may reduce an image down to it, never below (shards.py).
+        self.max_image_side = max(self.view_sizing.vit.max_side, self.view_sizing.vae.max_side)
         self.vit_mean = tuple(float(m) for m in vit_mean)
         self.vit_std = tuple(float(s) for s in vit_std)
         self.drop_rates = drop_rates
