@@ -159,3 +159,10 @@ def test_validation_losses_are_token_weighted_means_over_all_batches(write_recip
             sums += torch.tensor([float(out.ce_sum), out.ce_count, float(out.mse_sum), out.mse_count])
     assert printed["val/ce"] == pytest.approx(float(sums[0] / sums[1]), abs=2e-4)
     assert printed["val/mse"] == pytest.approx(float(sums[2] / sums[3]), abs=2e-4)
+
+
+def test_fit_refuses_views_the_position_tables_cannot_hold(write_recipe):
+    """chatumm_tiny's ViT table is 16 patches of 8 px per side: a 256 px view sizing is refused at fit start."""
+    recipe = write_recipe("big")
+    with pytest.raises(ValueError, match="32 patches per side .* position table has 16; lower vit.max_side to 128"):
+        main(["train", str(recipe), "data.max_image_side=256", "trainer.max_steps=1"])

@@ -185,6 +185,16 @@ class ChatUMMSystem(L.LightningModule):
             self._log_mask_image(batch)
         return terms.total
 
+    def on_fit_start(self) -> None:
+        """Refuse a data view sizing whose views outgrow the model's ViT or latent position tables (SPEC §4.1: 70
+        patches, 64 latent tokens per side for BAGEL) now, not at the first large image."""
+        sizing = getattr(self.trainer.datamodule, "view_sizing", None)
+        if sizing is not None and self.model is not None:
+            sizing.check_tables(
+                vit_max_patches_per_side=self.model.vit.max_patches_per_side,
+                max_latent_side=self.model.vae.max_latent_side,
+            )
+
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
 
