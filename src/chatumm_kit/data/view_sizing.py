@@ -141,6 +141,12 @@ class ViewSizing:
         """Both views' sizes for an image of ``height × width`` pixels."""
         return ViewSizes(vit=self.vit.size(height, width), vae=self.vae.size(height, width))
 
+    @property
+    def square_output_size(self) -> tuple[int, int]:
+        """The largest square VAE view, ``(cap, cap)``: the default size of a generated image (1024² for BAGEL,
+        SPEC §4.1)."""
+        return self.vae.cap, self.vae.cap
+
     def check_tables(self, *, vit_max_patches_per_side: int, max_latent_side: int) -> None:
         """Raise ``ValueError`` if a view could outgrow its model's position table.
 

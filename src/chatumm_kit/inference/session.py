@@ -201,7 +201,7 @@ class SessionConfig:
             return cls(vit_patch_size=vit_patch, vae_token_stride=vae_stride, max_image_side=max(size), image_size=size)
         sizing = coerce_view_sizing(view_sizing, where="SessionConfig.for_model")
         if image_size is None:
-            size = (sizing.vae.cap, sizing.vae.cap)
+            size = sizing.square_output_size
         else:
             size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         return cls(vit_patch_size=vit_patch, vae_token_stride=vae_stride, image_size=size, view_sizing=sizing)
@@ -580,8 +580,10 @@ class ChatSession:
                     break
                 if turn.image_keys:
                     image = self.images[turn.image_keys[-1]]
-                    return self.packer.view_sizes(int(image.shape[1]), int(image.shape[2])).vae
-        return self.packer.view_sizes(*self.config.image_size).vae
+                    _, vae_hw = self.packer.view_sizes(int(image.shape[1]), int(image.shape[2]))
+                    return vae_hw
+        _, vae_hw = self.packer.view_sizes(*self.config.image_size)
+        return vae_hw
 
     # ------------------------------------------------------------------ rollback
     @torch.no_grad()

@@ -191,8 +191,8 @@ class ChatUMMSystem(L.LightningModule):
         sizing = getattr(self.trainer.datamodule, "view_sizing", None)
         if sizing is not None and self.model is not None:
             sizing.check_tables(
-                vit_max_patches_per_side=self.model.vit.max_patches_per_side,
-                max_latent_side=self.model.vae.max_latent_side,
+                vit_max_patches_per_side=self.model.vit_max_patches_per_side,
+                max_latent_side=self.model.max_latent_side,
             )
 
     def on_validation_epoch_start(self) -> None:
