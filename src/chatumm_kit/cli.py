@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from chatumm_kit.config import (
     DEFAULT_ALLOWED_ROOTS,
@@ -24,6 +25,9 @@ from chatumm_kit.config import (
     to_yaml,
     validate_recipe,
 )
+
+if TYPE_CHECKING:
+    from chatumm_kit.inference.sampler import SamplerConfig
 
 __all__ = ["Command", "COMMANDS", "main"]
 
@@ -112,14 +116,68 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
         help="generated image size (default: square at the training data's VAE view cap, e.g. 1024 for BAGEL "
         "sizing, 32 for ShapesChat); a reply to an image keeps that image's size",
     )
-    p.add_argument("--steps", type=int, default=50, help="Euler steps per generated image")
-    p.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale")
-    p.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale")
+    p.add_argument(
+        "--preset", help="named sampler settings, e.g. bagel_t2i or bagel_edit (BAGEL's published ones); flags override"
+    )
+    p.add_argument("--steps", type=int, help="Euler steps per generated image (default 50; see --step-convention)")
+    p.add_argument(
+        "--step-convention",
+        choices=("euler_steps", "bagel_timesteps"),
+        help="what --steps counts: Euler steps (default), or BAGEL's num_timesteps (grid points = steps + 1)",
+    )
+    p.add_argument("--shift", type=float, help="timestep shift of the sampling grid (default 3.0)")
+    p.add_argument("--cfg-text", type=float, help="text guidance scale (default 4.0)")
+    p.add_argument("--cfg-image", type=float, help="image guidance scale (default 1.5)")
+    p.add_argument(
+        "--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide while LO < t <= HI (default 0.4 1)"
+    )
+    p.add_argument(
+        "--cfg-renorm",
+        choices=("none", "global", "channel", "text_channel"),
+        help="velocity renorm after guidance (default global)",
+    )
+    p.add_argument("--cfg-renorm-min", type=float, help="lower clamp of the renorm factor (default 0)")
+    p.add_argument(
+        "--cfg-skip-rule", choices=("kit", "bagel"), help="bagel: no guidance at all at text scale 1 (default kit)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy text decoding")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
     p.add_argument("--adapter", help="a LoRA adapter folder (peft layout) to run unmerged on top of the checkpoint")
+
+
+def chat_sampler_config(args: argparse.Namespace) -> SamplerConfig:
+    """The :class:`SamplerConfig` of ``chatumm chat``'s flags: ``--preset`` (or the defaults), then every flag given.
+
+    Example:
+        >>> ns = argparse.Namespace(preset="bagel_edit", steps=10, seed=0)
+        >>> cfg = chat_sampler_config(ns)
+        >>> (cfg.cfg_renorm, cfg.num_steps, cfg.step_convention)
+        ('text_channel', 10, 'bagel_timesteps')
+    """
+    import dataclasses
+
+    from chatumm_kit.inference.sampler import SamplerConfig
+    from chatumm_kit.inference.sampler_presets import sampler_preset
+
+    flags = {
+        "num_steps": "steps",
+        "step_convention": "step_convention",
+        "shift": "shift",
+        "cfg_text_scale": "cfg_text",
+        "cfg_image_scale": "cfg_image",
+        "cfg_interval": "cfg_interval",
+        "cfg_renorm": "cfg_renorm",
+        "renorm_min": "cfg_renorm_min",
+        "cfg_skip_rule": "cfg_skip_rule",
+        "seed": "seed",
+    }
+    given = {field: getattr(args, flag, None) for field, flag in flags.items()}
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+    preset = getattr(args, "preset", None)
+    base = sampler_preset(preset) if preset else SamplerConfig()
+    return dataclasses.replace(base, **given)
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -128,15 +186,12 @@ def _run_chat(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from chatumm_kit.inference.chat_loop import interactive, play_script
-    from chatumm_kit.inference.sampler import SamplerConfig
     from chatumm_kit.inference.session import ChatSession, SessionConfig, check_reply_options
     from chatumm_kit.training.loading import checkpoint_view_sizing, load_checkpoint
 
     # Settings and the script are checked before the (slow) checkpoint load: a typo costs one line, not a minute.
     try:
-        sampler = SamplerConfig(
-            num_steps=args.steps, cfg_text_scale=args.cfg_text, cfg_image_scale=args.cfg_image, seed=args.seed
-        )
+        sampler = chat_sampler_config(args)
         respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
         check_reply_options(top_p=1.0, max_segments=4, **respond_kwargs)
         if args.image_size:

@@ -94,3 +94,28 @@ def test_chat_sizes_images_as_the_training_data_did(trained_checkpoint):
     loaded = load_checkpoint(trained_checkpoint)
     config = SessionConfig.for_model(loaded.model, view_sizing=sizing)
     assert config.image_size == (32, 32) and config.sizing == sizing
+
+
+def test_chat_sampler_flags_preset_then_overrides(trained_checkpoint, tmp_path, capsys):
+    from chatumm_kit.cli import build_parser, chat_sampler_config
+
+    def config(*flags):
+        return chat_sampler_config(build_parser().parse_args(["chat", "ckpt", *flags]))
+
+    assert config() == SamplerConfig(seed=0)  # no flags: today's defaults
+    edit = config("--preset", "bagel_edit", "--steps", "5", "--cfg-renorm-min", "0.2")
+    assert (edit.cfg_image_scale, edit.cfg_renorm, edit.num_evaluations, edit.renorm_min) == (
+        2.0,
+        "text_channel",
+        4,
+        0.2,
+    )
+    own = config("--cfg-renorm", "channel", "--cfg-interval", "0", "1", "--shift", "1", "--cfg-skip-rule", "bagel")
+    assert (own.cfg_renorm, own.cfg_interval, own.shift, own.cfg_skip_rule) == ("channel", (0.0, 1.0), 1.0, "bagel")
+    # A bad preset fails before the checkpoint is read.
+    assert main(["chat", str(tmp_path / "nope.ckpt"), "--preset", "bagle"]) == 2
+    assert "unknown sampler preset 'bagle'" in capsys.readouterr().err
+    script = tmp_path / "d.jsonl"
+    script.write_text(json.dumps({"user": "Draw a large red circle in the center."}) + "\n")
+    flags = ["--preset", "bagel_t2i", "--steps", "3"]
+    assert main(["chat", str(trained_checkpoint), "--script", str(script), "--out", str(tmp_path / "o"), *flags]) == 0

@@ -137,7 +137,7 @@ def test_guided_velocity_skips_shared_and_unit_scale_contexts():
     [
         ({"num_steps": 0}, "num_steps"),
         ({"cfg_interval": (0.6, 0.4)}, "cfg_interval"),
-        ({"cfg_renorm": "channel"}, "cfg_renorm"),
+        ({"cfg_renorm": "per_token"}, "cfg_renorm"),
         ({"renorm_min": 2.0}, "renorm_min"),
     ],
 )

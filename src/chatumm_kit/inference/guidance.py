@@ -5,8 +5,15 @@ Classifier-free guidance over three velocities (SPEC §4), applied only while ``
     ``v_txt = v_txt_uncond + s_txt·(v_full − v_txt_uncond)``
     ``v     = v_img_uncond + s_img·(v_txt − v_img_uncond)``
 
-then optionally renormalised so that ``‖v‖`` does not exceed ``‖v_full‖``: over all tokens at once (``"global"``) or
-per token (``"token"``); the rescale factor is clamped to ``[renorm_min, 1]``.
+with the renorm of SPEC §4.1, ``u ← u·clamp(‖v_full‖ / ‖u‖, renorm_min, 1)``, applied to
+
+- ``"global"``: the final ``v``, one norm over all tokens and channels;
+- ``"channel"`` (older name ``"token"``): the final ``v``, one norm per token (over channels);
+- ``"text_channel"``: ``v_txt`` only, per token, before the image stage (the final ``v`` is not renormed);
+- ``"none"``: nothing.
+
+Which stages run follows ``SamplerConfig.cfg_skip_rule``: ``"kit"`` runs a stage whose scale is not 1; ``"bagel"``
+(BAGEL's inferencer) runs no guidance at all unless ``s_txt > 1`` and the image stage only when ``s_img > 1``.
 
 A chat keeps the three contexts (full, text- and image-unconditional) up to date turn by turn in
 ``inference/cfg_contexts.py``; the Euler integration itself is ``inference/sampler.py``.
@@ -23,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from chatumm_kit.inference.sampler import RENORM_MODES, SamplerConfig, VelocityFn
+from chatumm_kit.inference.sampler import RENORM_MODES, RenormMode, SamplerConfig, VelocityFn
 
 __all__ = ["active_unconditional", "cfg_combine", "guided_velocity", "in_cfg_interval", "renorm_velocity"]
 
@@ -35,18 +42,22 @@ def in_cfg_interval(t: float, interval: tuple[float, float]) -> bool:
 
 
 def renorm_velocity(
-    v: torch.Tensor, reference: torch.Tensor, *, mode: Literal["none", "global", "token"], min_scale: float = 0.0
+    v: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    mode: Literal["none", "global", "channel", "token"],
+    min_scale: float = 0.0,
 ) -> torch.Tensor:
     """Shrink ``v`` so its norm does not exceed ``reference``'s (``[N, C]`` each); never enlarges it.
 
-    ``"global"``: one L2 norm over all ``N·C`` values; ``"token"``: per row (the last dimension). The factor
-    ``‖reference‖ / ‖v‖`` is clamped to ``[min_scale, 1]``.
+    ``"global"``: one L2 norm over all ``N·C`` values; ``"channel"`` / ``"token"``: per row (the last dimension).
+    The factor ``‖reference‖ / ‖v‖`` is clamped to ``[min_scale, 1]``.
     """
     if mode == "none":
         return v
     if mode == "global":
         num, den = reference.norm(), v.norm()
-    elif mode == "token":
+    elif mode in ("channel", "token"):
         num, den = reference.norm(dim=-1, keepdim=True), v.norm(dim=-1, keepdim=True)
     else:
         raise ValueError(f"renorm_velocity: mode must be one of {RENORM_MODES}, got {mode!r}")
@@ -61,17 +72,25 @@ def cfg_combine(
     *,
     text_scale: float,
     image_scale: float,
-    renorm: Literal["none", "global", "token"] = "none",
+    renorm: RenormMode = "none",
     renorm_min: float = 0.0,
 ) -> torch.Tensor:
-    """Three-context guidance (SPEC §4), then optional renorm against ``v_full``. All tensors ``[N, C]``.
+    """Three-context guidance (SPEC §4) with the renorm of SPEC §4.1 against ``v_full``. All tensors ``[N, C]``.
+
+    ``renorm="text_channel"`` renorms ``v_txt`` per token before the image stage; ``"global"`` / ``"channel"``
+    renorm the final velocity (see the module docstring).
 
     Example:
         >>> f, t, i = torch.ones(1, 2), torch.zeros(1, 2), torch.zeros(1, 2)
         >>> cfg_combine(f, t, i, text_scale=4.0, image_scale=1.5).tolist()   # 0 + 1.5·(0 + 4·(1 − 0) − 0)
         [[6.0, 6.0]]
     """
+    if renorm not in RENORM_MODES:
+        raise ValueError(f"cfg_combine: renorm must be one of {RENORM_MODES}, got {renorm!r}")
     v_text = v_text_uncond + text_scale * (v_full - v_text_uncond)
+    if renorm == "text_channel":
+        v_text = renorm_velocity(v_text, v_full, mode="channel", min_scale=renorm_min)
+        return v_image_uncond + image_scale * (v_text - v_image_uncond)
     v = v_image_uncond + image_scale * (v_text - v_image_uncond)
     return renorm_velocity(v, v_full, mode=renorm, min_scale=renorm_min)
 
@@ -82,7 +101,8 @@ def active_unconditional(
     """Which unconditional contexts :func:`guided_velocity` runs at time ``t``: ``(text, image)``.
 
     A context runs only inside ``cfg_interval``, when it exists (``has_*``: it differs from the full context) and
-    when its scale is not 1. A scheduler that batches several samplers uses this to know, before the model runs,
+    when its stage runs under ``config.cfg_skip_rule`` (``"kit"``: its scale is not 1; ``"bagel"``: ``s_txt > 1``
+    for both, and ``s_img > 1`` for the image one). A scheduler that batches several samplers uses this to know, before the model runs,
     which contexts each one needs at this step.
 
     Example:
@@ -94,6 +114,10 @@ def active_unconditional(
     """
     if not in_cfg_interval(t, config.cfg_interval):
         return False, False
+    if config.cfg_skip_rule == "bagel":
+        if config.cfg_text_scale <= 1.0:
+            return False, False
+        return has_text_uncond, has_image_uncond and config.cfg_image_scale > 1.0
     return has_text_uncond and config.cfg_text_scale != 1.0, has_image_uncond and config.cfg_image_scale != 1.0
 
 
@@ -115,6 +139,12 @@ def guided_velocity(
     ``cfg_image_scale=1`` for plain text guidance there.
     """
 
+    bagel_rule = config.cfg_skip_rule == "bagel"
+    # BAGEL's rule: no guidance at all unless s_txt > 1; the image stage only when s_img > 1 (else v = v_txt).
+    if bagel_rule and config.cfg_text_scale <= 1.0:
+        return full
+    image_scale = 1.0 if bagel_rule and config.cfg_image_scale <= 1.0 else config.cfg_image_scale
+
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         v_full = full(x, t)
         if not in_cfg_interval(t, config.cfg_interval):
@@ -131,7 +161,7 @@ def guided_velocity(
             v_txt_u,
             v_img_u,
             text_scale=config.cfg_text_scale,
-            image_scale=config.cfg_image_scale,
+            image_scale=image_scale,
             renorm=config.cfg_renorm,
             renorm_min=config.renorm_min,
         )

@@ -5,8 +5,11 @@ is pure noise. Sampling walks a grid ``1 = t_0 > t_1 > … > t_N = 0`` and takes
 
     ``x ← x + (t_{i+1} − t_i)·v(x, t_i)``   (``t_{i+1} − t_i < 0``: the SPEC's ``x ← x − v·Δt`` with ``Δt > 0``).
 
-The grid is ``shift_timesteps(linspace(1, 0, N + 1), shift)``: ``N`` model evaluations per image and a last step that
-lands exactly on ``t = 0``. This is diffusers' ``FlowMatchEulerDiscreteScheduler(shift=s)`` fed the unshifted sigmas
+**Step-count convention** (``SamplerConfig.step_convention``). ``"euler_steps"`` (the default): ``num_steps = N`` means
+``N`` model evaluations, on the grid ``shift_timesteps(linspace(1, 0, N + 1), shift)`` whose last step lands exactly on
+``t = 0``. ``"bagel_timesteps"``: ``num_steps = N`` means BAGEL's ``num_timesteps = N`` (SPEC §4.1), a grid of ``N``
+points ``shift_timesteps(linspace(1, 0, N), shift)``, i.e. ``N − 1`` evaluations — so kit ``num_steps=49`` equals BAGEL
+``num_timesteps=50``, and ``SamplerConfig(num_steps=50, step_convention="bagel_timesteps")`` is the same sampler. This is diffusers' ``FlowMatchEulerDiscreteScheduler(shift=s)`` fed the unshifted sigmas
 ``linspace(1, 0, N + 1)[:-1]`` (the tests check grid and steps against it). diffusers' *default* grid differs only
 in where the linspace stops: it ends at the shifted ``1/1000`` and then appends 0, so its last step is nearly empty.
 
@@ -31,13 +34,33 @@ import torch
 
 from chatumm_kit.flow import shift_timesteps
 
-__all__ = ["RENORM_MODES", "EulerIntegrator", "SamplerConfig", "VelocityFn", "euler_sample", "timestep_grid"]
+__all__ = [
+    "CFG_SKIP_RULES",
+    "RENORM_MODES",
+    "STEP_CONVENTIONS",
+    "EulerIntegrator",
+    "SamplerConfig",
+    "VelocityFn",
+    "euler_sample",
+    "timestep_grid",
+]
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 """``(x_t [N, C], t) -> v [N, C]``: the velocity of one context at time ``t``."""
 
-RENORM_MODES = ("none", "global", "token")
-"""How guidance renormalises the guided velocity (``inference/guidance.py``, :func:`renorm_velocity`)."""
+RenormMode = Literal["none", "global", "channel", "text_channel", "token"]
+RENORM_MODES = ("none", "global", "channel", "text_channel", "token")
+"""How guidance renormalises the guided velocity (``inference/guidance.py``, :func:`renorm_velocity`, SPEC §4.1):
+``"global"`` one factor over all tokens and channels of the final velocity, ``"channel"`` one factor per token of the
+final velocity (``"token"`` is the older name of the same thing), ``"text_channel"`` one factor per token of the
+text-CFG stage only, before the image CFG (BAGEL's edit default)."""
+
+STEP_CONVENTIONS = ("euler_steps", "bagel_timesteps")
+"""What ``SamplerConfig.num_steps`` counts: Euler evaluations, or BAGEL's grid points (evaluations + 1)."""
+
+CFG_SKIP_RULES = ("kit", "bagel")
+"""When a guidance stage runs: ``"kit"`` — a stage runs when its scale is not 1; ``"bagel"`` — no guidance at all
+unless the text scale is > 1, and the image stage only when the image scale is > 1 (BAGEL's inferencer)."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +74,12 @@ class SamplerConfig:
         cfg_image_scale: ``s_img``; 1 disables image guidance (the image-unconditional context is then not run).
             Editing usually wants 2.0 and ``cfg_interval=(0.0, 1.0)``.
         cfg_interval: guidance is applied while ``lo < t ≤ hi``; outside it only the full context runs.
-        cfg_renorm: ``"none"``, ``"global"`` (one factor for all tokens) or ``"token"`` (one factor per token).
-        renorm_min: lower clamp of the renorm factor (0 allows any shrinking).
+        cfg_renorm: one of :data:`RENORM_MODES`: ``"none"``, ``"global"`` (one factor for all tokens), ``"channel"``
+            (= ``"token"``, one factor per token) or ``"text_channel"`` (per token, text stage only; SPEC §4.1).
+        renorm_min: lower clamp of the renorm factor (0 allows any shrinking); BAGEL's ``cfg_renorm_min``.
+        step_convention: what ``num_steps`` counts (:data:`STEP_CONVENTIONS`; see the module docstring).
+        cfg_skip_rule: when guidance stages run (:data:`CFG_SKIP_RULES`); ``"bagel"`` skips all guidance at text
+            scale 1. ``inference/sampler_presets.py`` holds BAGEL's published settings.
         seed: seed of the session's random draws for one reply (image noise, sampled text); ``None`` = random.
 
     Example:
@@ -65,9 +92,11 @@ class SamplerConfig:
     cfg_text_scale: float = 4.0
     cfg_image_scale: float = 1.5
     cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm: Literal["none", "global", "token"] = "global"
+    cfg_renorm: RenormMode = "global"
     renorm_min: float = 0.0
     seed: int | None = None
+    step_convention: Literal["euler_steps", "bagel_timesteps"] = "euler_steps"
+    cfg_skip_rule: Literal["kit", "bagel"] = "kit"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
@@ -90,6 +119,28 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.cfg_renorm must be one of {RENORM_MODES}, got {self.cfg_renorm!r}")
         if not 0.0 <= self.renorm_min <= 1.0:
             raise ValueError(f"SamplerConfig.renorm_min must be in [0, 1], got {self.renorm_min}")
+        if self.step_convention not in STEP_CONVENTIONS:
+            raise ValueError(
+                f"SamplerConfig.step_convention must be one of {STEP_CONVENTIONS}, got {self.step_convention!r}"
+            )
+        if self.step_convention == "bagel_timesteps" and self.num_steps < 2:
+            raise ValueError(
+                f"SamplerConfig.num_steps must be >= 2 with step_convention='bagel_timesteps' (N grid points = N − 1 "
+                f"steps), got {self.num_steps}"
+            )
+        if self.cfg_skip_rule not in CFG_SKIP_RULES:
+            raise ValueError(f"SamplerConfig.cfg_skip_rule must be one of {CFG_SKIP_RULES}, got {self.cfg_skip_rule!r}")
+
+    @property
+    def num_evaluations(self) -> int:
+        """Euler steps (model evaluations per context) this config makes: ``num_steps``, or ``num_steps − 1`` under
+        ``step_convention="bagel_timesteps"``.
+
+        Example:
+            >>> SamplerConfig(num_steps=50, step_convention="bagel_timesteps").num_evaluations
+            49
+        """
+        return self.num_steps - 1 if self.step_convention == "bagel_timesteps" else self.num_steps
 
 
 def timestep_grid(num_steps: int, shift: float) -> torch.Tensor:
@@ -105,7 +156,7 @@ def timestep_grid(num_steps: int, shift: float) -> torch.Tensor:
 
 
 class EulerIntegrator:
-    """Euler integration on :func:`timestep_grid`, one step at a time (what :func:`euler_sample` loops over).
+    """Euler integration on :func:`timestep_grid` (``config.num_evaluations`` steps), one step at a time (what :func:`euler_sample` loops over).
 
     A caller that evaluates velocities itself — e.g. a scheduler running the model once for several images — reads
     :attr:`x` and :attr:`t`, computes ``v`` and calls :meth:`step` until :attr:`done`. The state is kept in float32
@@ -124,7 +175,7 @@ class EulerIntegrator:
     """
 
     def __init__(self, x_T: torch.Tensor, config: SamplerConfig) -> None:
-        self._grid = timestep_grid(config.num_steps, config.shift).tolist()
+        self._grid = timestep_grid(config.num_evaluations, config.shift).tolist()
         self._index = 0
         self.x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
 
