@@ -140,6 +140,13 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cfg-skip-rule", choices=("kit", "bagel"), help="bagel: no guidance at all at text scale 1 (default kit)"
     )
+    p.add_argument(
+        "--mode",
+        choices=("auto", "text", "image", "edit"),
+        default="auto",
+        help="task of every reply: auto = the model predicts it; text (VQA), image (text-to-image), edit (output "
+        "takes the edited image's size) force it, as a converted BAGEL needs",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy text decoding")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -192,7 +199,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     # Settings and the script are checked before the (slow) checkpoint load: a typo costs one line, not a minute.
     try:
         sampler = chat_sampler_config(args)
-        respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mode": args.mode}
         check_reply_options(top_p=1.0, max_segments=4, **respond_kwargs)
         if args.image_size:
             SessionConfig(image_size=tuple(args.image_size))
@@ -213,7 +220,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.script:
         try:
-            replies, failed = play_script(session, args.script, out=out, sampler=sampler)
+            replies, failed = play_script(session, args.script, out=out, sampler=sampler, mode=args.mode)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -119,3 +119,27 @@ def test_chat_sampler_flags_preset_then_overrides(trained_checkpoint, tmp_path, 
     script.write_text(json.dumps({"user": "Draw a large red circle in the center."}) + "\n")
     flags = ["--preset", "bagel_t2i", "--steps", "3"]
     assert main(["chat", str(trained_checkpoint), "--script", str(script), "--out", str(tmp_path / "o"), *flags]) == 0
+
+
+def test_chat_mode_flag_and_per_line_modes(trained_checkpoint, tmp_path, capsys):
+    image = tmp_path / "in.png"
+    write_png(torch.full((3, 24, 16), 200, dtype=torch.uint8), str(image))
+    script = tmp_path / "modes.jsonl"
+    lines = [
+        {"user": "What is 9 times 8?"},
+        {"user": "Make the circle green.", "images": ["in.png"], "respond": {"mode": "edit"}},
+        {"user": "What colour is the circle?", "respond": {"mode": "text", "max_new_tokens": 4}},
+        {"user": "Draw a circle.", "respond": {"image_size": [16, 32]}},
+    ]
+    script.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    code = main(
+        ["chat", str(trained_checkpoint), "--script", str(script), "--out", str(out), "--steps", "2", "--mode", "image"]
+    )
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert [r["intents"] for r in records] == [["image", "end"], ["image", "end"], ["text", "end"], ["image", "end"]]
+    from torchvision.io import read_image
+
+    sizes = [tuple(read_image(r["images"][0]).shape[1:]) for r in records if r["images"]]
+    assert sizes == [(32, 32), (24, 16), (16, 32)]  # session size, the edited image's, the line's own

@@ -55,6 +55,7 @@ def respond_batch(
     temperature: float = 0.0,
     top_p: float = 1.0,
     max_segments: int = 4,
+    modes: str | Sequence[str] = "auto",
 ) -> list[AssistantReply]:
     """Let every session reply to its pending user turn, with one model forward per step for all of them.
 
@@ -67,22 +68,33 @@ def respond_batch(
         samplers: one :class:`SamplerConfig` per session (its ``seed`` seeds that session's draws), or one for
             all, or None (``SamplerConfig()``).
         max_new_tokens, temperature, top_p, max_segments: as in :meth:`ChatSession.respond`, for every session.
+        modes: the task mode of every session (one string), or one per session (:data:`~.session.REPLY_MODES`).
 
     Returns:
         the replies, in the order of ``sessions``.
 
     Raises:
         ValueError: no sessions, a session given twice, sessions over different models or tokenizers, or a
-            ``samplers`` list of the wrong length.
+            ``samplers`` or ``modes`` list of the wrong length.
         RuntimeError: a session whose last turn is not a user turn.
     """
     model, tokenizer = _check_sessions(sessions)
     configs = _per_session(samplers, len(sessions))
+    per_mode = [modes] * len(sessions) if isinstance(modes, str) else list(modes)
+    if len(per_mode) != len(sessions):
+        raise ValueError(
+            f"respond_batch: {len(per_mode)} modes for {len(sessions)} sessions (give one per session, or one)"
+        )
     tasks: list[ReplySteps[AssistantReply]] = [
         s.reply_steps(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, sampler=c, max_segments=max_segments
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            sampler=c,
+            max_segments=max_segments,
+            mode=m,
         )
-        for s, c in zip(sessions, configs)
+        for s, c, m in zip(sessions, configs, per_mode, strict=True)
     ]
     replies: list[AssistantReply | None] = [None] * len(tasks)
     pending: dict[int, ModelStep] = {}

@@ -102,13 +102,19 @@ def interactive(
 
 
 def play_script(
-    session: ChatSession, script: str | Path, *, out: Path, sampler: SamplerConfig, errors: TextIO | None = None
+    session: ChatSession,
+    script: str | Path,
+    *,
+    out: Path,
+    sampler: SamplerConfig,
+    errors: TextIO | None = None,
+    mode: str = "auto",
 ) -> tuple[Path, int]:
     """Play a JSON-lines dialogue script (:mod:`chatumm_kit.inference.script`) through ``session``.
 
     Each reply is appended to ``out/replies.jsonl`` (and its images written) as soon as it is made, so a failure on
     line 3 keeps the replies of lines 1–2. A bad line is one ``error:`` line on ``errors`` (stderr by default) and
-    the script goes on with the next. Returns ``(replies.jsonl path, number of bad lines)``.
+    the script goes on with the next. ``mode`` is the task mode of every reply whose line names none. Returns ``(replies.jsonl path, number of bad lines)``.
 
     Raises:
         ValueError: the script itself cannot be read (missing file, a line that is not a JSON object).
@@ -121,7 +127,9 @@ def play_script(
     with open(replies, "w", encoding="utf-8") as f:
         for n, line in enumerate(lines):
             try:
-                rec = play_line(session, n, line, image_dir=out, sampler=sampler, base_dir=Path(script).parent)
+                rec = play_line(
+                    session, n, line, image_dir=out, sampler=sampler, base_dir=Path(script).parent, mode=mode
+                )
             except ValueError as e:
                 failed += 1
                 errors.write(f"error: {script}: {e}\n")

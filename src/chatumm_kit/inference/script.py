@@ -5,7 +5,7 @@ Each script line is an object:
 * ``{"user": "text", "images": ["a.png", ...]}`` — a user turn (images first, then the text; either may be
   absent), followed by an assistant reply;
 * optional ``"respond": {...}`` on that line — keyword overrides of :meth:`ChatSession.respond` for this reply
-  (``max_new_tokens``, ``temperature``, ``top_p``, ``max_segments``);
+  (``max_new_tokens``, ``temperature``, ``top_p``, ``max_segments``, ``mode``, ``image_size``);
 * ``{"rollback": k}`` — forget turn ``k`` and everything after it (no reply).
 
 Generated images are written as ``<image_dir>/turn<k>_<i>.png``.
@@ -32,7 +32,7 @@ from chatumm_kit.inference.session import ChatSession, check_reply_options
 
 __all__ = ["read_script", "run_script", "play_line"]
 
-_RESPOND_KEYS = {"max_new_tokens", "temperature", "top_p", "max_segments"}
+_RESPOND_KEYS = {"max_new_tokens", "temperature", "top_p", "max_segments", "mode", "image_size"}
 _LINE_KEYS = {"user", "images", "respond", "rollback"}
 
 
@@ -101,8 +101,10 @@ def play_line(
     image_dir: str | Path,
     sampler: SamplerConfig | None = None,
     base_dir: str | Path = ".",
+    mode: str = "auto",
 ) -> dict[str, Any] | None:
-    """Play script line ``n``: its record (a reply), or ``None`` for a rollback.
+    """Play script line ``n``: its record (a reply), or ``None`` for a rollback. ``mode`` is the task mode of a
+    line whose ``respond`` options give none.
 
     Raises:
         ValueError: a mistake in the line (keys, types, an image that is not there or not an image, a rollback
@@ -122,7 +124,10 @@ def play_line(
         raise ValueError(f"script line {n}: {e}") from None
     turn = session.add_user(text, images=images)
     try:
-        reply = session.respond(sampler=sampler, **dict(line.get("respond") or {}))
+        options = {"mode": mode, **dict(line.get("respond") or {})}
+        if options.get("image_size") is not None:
+            options["image_size"] = tuple(options["image_size"])
+        reply = session.respond(sampler=sampler, **options)
     except Exception as e:  # whatever went wrong, the session goes back to before this line
         session.rollback(turn)
         raise ValueError(f"script line {n}: the reply failed: {type(e).__name__}: {e}") from None

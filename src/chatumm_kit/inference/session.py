@@ -86,14 +86,38 @@ from chatumm_kit.inference.steps import (
 )
 from chatumm_kit.model import ChatUMM
 
-__all__ = ["AssistantReply", "ChatSession", "SessionConfig", "SessionContexts", "check_reply_options"]
+__all__ = ["REPLY_MODES", "AssistantReply", "ChatSession", "SessionConfig", "SessionContexts", "check_reply_options"]
+
+REPLY_MODES = ("auto", "text", "image", "edit")
+"""Task modes of :meth:`ChatSession.respond` (SPEC §4.1: a converted, not yet fine-tuned BAGEL must be told the task).
+
+``auto``: the model predicts every intent (SPEC §2). ``text``: the reply's opening marker is forced to ``im_s`` and
+the turn ends after that one text segment (VQA / understanding). ``image``: the opening marker is forced to ``v_s``
+(text-to-image), one image, then the turn ends. ``edit``: as ``image``, but the output takes the size of the
+VAE view of the current user block's last image (BAGEL: an edit's output takes the VAE-resized input's size); the
+block must hold an image. A forced reply lays out exactly the stream ``auto`` lays out when the model predicts the
+same intent, so the three contexts hold the same things."""
 
 SESSION_FILE = "session.json"
 _FORMAT = "chatumm_session/v1"
 
 
-def check_reply_options(*, max_new_tokens: int, temperature: float, top_p: float, max_segments: int) -> None:
+def check_reply_options(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    max_segments: int,
+    mode: str = "auto",
+    image_size: tuple[int, int] | None = None,
+) -> None:
     """Raise ``ValueError`` naming the first bad :meth:`ChatSession.respond` setting (types and ranges)."""
+    if mode not in REPLY_MODES:
+        raise ValueError(f"respond: mode must be one of {REPLY_MODES}, got {mode!r}")
+    if image_size is not None:
+        size = tuple(image_size)
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+            raise ValueError(f"respond: image_size must be two integers >= 1 (H, W), got {image_size!r}")
 
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -237,6 +261,15 @@ class AssistantReply:
     def text(self) -> str:
         """The reply's text segments joined with a space."""
         return " ".join(s.text for s in self.segments if isinstance(s, TextSegment))
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What a reply was told to do: its mode (:data:`REPLY_MODES`) and the VAE view ``(H, W)`` of a generated image
+    (None: :meth:`ChatSession.reply_image_size`)."""
+
+    mode: str
+    vae_size: tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -409,8 +442,11 @@ class ChatSession:
         top_p: float = 1.0,
         sampler: SamplerConfig | None = None,
         max_segments: int = 4,
+        mode: str = "auto",
+        image_size: tuple[int, int] | None = None,
     ) -> AssistantReply:
-        """Generate the assistant turn after the current user block; the model picks each segment's modality.
+        """Generate the assistant turn after the current user block; the model picks each segment's modality
+        (``mode="auto"``), or the task is forced (:data:`REPLY_MODES`).
 
         Args:
             max_new_tokens: cap per text segment (then ``im_e`` is appended).
@@ -418,6 +454,9 @@ class ChatSession:
             sampler: image sampling settings (default ``SamplerConfig()``); ``sampler.seed`` seeds all draws of
                 this reply.
             max_segments: stop after this many segments even if the model does not predict ``<|end|>``.
+            mode: ``"auto"``, ``"text"``, ``"image"`` or ``"edit"`` (see :data:`REPLY_MODES`).
+            image_size: ``(H, W)`` of a generated image (sized by the VAE view's rule); default: the edited image's
+                VAE view for ``edit``, else :meth:`reply_image_size`.
 
         An image's CFG contexts share one stacked forward per Euler step (:func:`~.steps.run_together`); several
         sessions reply together (one forward per step for all of them) with
@@ -429,6 +468,8 @@ class ChatSession:
             top_p=top_p,
             sampler=sampler,
             max_segments=max_segments,
+            mode=mode,
+            image_size=image_size,
         )
         return drive(steps, self._answer)
 
@@ -448,6 +489,8 @@ class ChatSession:
         top_p: float = 1.0,
         sampler: SamplerConfig | None = None,
         max_segments: int = 4,
+        mode: str = "auto",
+        image_size: tuple[int, int] | None = None,
     ) -> ReplySteps[AssistantReply]:
         """:meth:`respond` as a generator of model steps (``inference/steps.py``), for a scheduler to drive.
 
@@ -464,37 +507,65 @@ class ChatSession:
         if k == 0 or self.dialogue.turns[-1].role is not Role.USER:
             raise RuntimeError("ChatSession.respond: the last turn must be a user turn (add_user first)")
         check_reply_options(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, max_segments=max_segments
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            max_segments=max_segments,
+            mode=mode,
+            image_size=image_size,
         )
+        # The VAE view size of a generated image: given, the edited image's (edit), or the session's rule (None).
+        size = self.packer.view_sizes(*image_size)[1] if image_size is not None else None
+        if mode == "edit" and size is None:
+            size = self._edited_image_size()
         sampler = sampler if sampler is not None else SamplerConfig()
         generator = torch.Generator()
         if sampler.seed is None:
             generator.seed()
         else:
             generator.manual_seed(sampler.seed)
-        return self._reply(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator)
+        task = _Task(mode=mode, vae_size=size)
+        return self._reply(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)
+
+    def _edited_image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the VAE view of the current user block's last image (what an edit's output takes)."""
+        for turn in reversed(self.dialogue.turns):
+            if turn.role is not Role.USER:
+                break
+            keys = turn.image_keys
+            if keys:
+                image = self.images[keys[-1]]
+                return self.packer.view_sizes(int(image.shape[-2]), int(image.shape[-1]))[1]
+        raise ValueError("respond(mode='edit'): the current user turn has no image to edit (add_user(images=[...]))")
 
     @torch.no_grad()
-    def _reply(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator):
+    def _reply(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task):
         if self.num_turns != k:
             raise RuntimeError("ChatSession.reply_steps: the session changed before the reply started")
         self._marks.append(self._snapshot())
         try:
-            settings = (max_new_tokens, temperature, top_p, sampler, max_segments, generator)
+            settings = (max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)
             return (yield from self._reply_segments(k, *settings))
         except BaseException:
             self._restore(k)
             raise
 
-    def _reply_segments(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator):
+    def _reply_segments(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task):
         tok = self.tokenizer
         reply = AssistantReply(turn_index=k, segments=[], finished=False)
         ids_per_segment: list[list[int] | None] = []
         hidden = self._last_hidden
         allowed = [tok.im_start_id, tok.vision_start_id]  # the first segment must open something (SPEC §2)
+        forced = {"text": [tok.im_start_id], "image": [tok.vision_start_id], "edit": [tok.vision_start_id]}
         while len(reply.segments) < max_segments:
-            logits = self.model.logits(hidden)
-            choice = choose_token(logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator)
+            if task.mode != "auto":
+                # SPEC §4.1: the task is told, not predicted — the opening marker is forced, one segment, then end.
+                choice = forced[task.mode][0] if not reply.segments else tok.end_id
+            else:
+                logits = self.model.logits(hidden)
+                choice = choose_token(
+                    logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator
+                )
             if choice == tok.end_id:
                 reply.intents.append("end")
                 reply.finished = True
@@ -507,7 +578,9 @@ class ChatSession:
                 ids_per_segment.append(ids)
             else:
                 reply.intents.append("image")
-                key, image, hidden = yield from self._generate_image(sampler, generator, segment=len(reply.segments))
+                key, image, hidden = yield from self._generate_image(
+                    sampler, generator, segment=len(reply.segments), size=task.vae_size
+                )
                 reply.segments.append(ImageSegment(image=key))
                 reply.images.append(image)
                 reply.image_keys.append(key)
@@ -550,11 +623,14 @@ class ChatSession:
             text = text[len(prefix) :]
         return text or "\ufffd"  # a Dialogue text may not be empty; the exact ids are kept beside it anyway
 
-    def _generate_image(self, sampler: SamplerConfig, generator: torch.Generator, *, segment: int):
-        """Sample one image with three-context CFG (a :class:`VelocityStep` per Euler step), decode it, and append it
-        as clean context. Returns key, image, the full context's last output."""
+    def _generate_image(
+        self, sampler: SamplerConfig, generator: torch.Generator, *, segment: int, size: tuple[int, int] | None
+    ):
+        """Sample one image with VAE view ``size`` ``(H, W)`` (None: :meth:`reply_image_size`) with three-context CFG (a
+        :class:`VelocityStep` per Euler step), decode it, and append it as clean context. Returns key, image, the
+        full context's last output."""
         run, model = self.runner, self.model
-        vae_h, vae_w = self.reply_image_size()
+        vae_h, vae_w = size if size is not None else self.reply_image_size()
         stride = self.config.vae_token_stride
         grid = (vae_h // stride, vae_w // stride)
         full, text_uncond, image_uncond = self._contexts.stored()
