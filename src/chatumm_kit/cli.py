@@ -151,6 +151,12 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
+    p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda or cuda:1 (default cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16", "float64"),
+        help="cast the loaded weights to this dtype (default: as stored)",
+    )
     p.add_argument("--adapter", help="a LoRA adapter folder (peft layout) to run unmerged on top of the checkpoint")
 
 
@@ -205,7 +211,18 @@ def _run_chat(args: argparse.Namespace) -> int:
             SessionConfig(image_size=tuple(args.image_size))
         if args.script and not Path(args.script).is_file():
             raise ValueError(f"no such script file: {args.script}")
-        loaded = load_checkpoint(args.checkpoint, use_ema=False if args.no_ema else None)
+        import torch
+
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+        loaded = load_checkpoint(
+            args.checkpoint, use_ema=False if args.no_ema else None, device=args.device, dtype=dtype
+        )
         if args.adapter:
             from chatumm_kit.training.adapters import load_adapter
 

@@ -143,3 +143,17 @@ def test_chat_mode_flag_and_per_line_modes(trained_checkpoint, tmp_path, capsys)
 
     sizes = [tuple(read_image(r["images"][0]).shape[1:]) for r in records if r["images"]]
     assert sizes == [(32, 32), (24, 16), (16, 32)]  # session size, the edited image's, the line's own
+
+
+def test_chat_device_and_dtype(trained_checkpoint, tmp_path, capsys):
+    loaded = load_checkpoint(trained_checkpoint, dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    reference = load_checkpoint(trained_checkpoint)
+    w, w_ref = dict(loaded.model.named_parameters()), dict(reference.model.named_parameters())
+    assert all(torch.equal(w[k], w_ref[k].to(torch.bfloat16)) for k in w_ref)
+    script = tmp_path / "d.jsonl"
+    script.write_text(json.dumps({"user": "Draw a circle.", "respond": {"mode": "image"}}) + "\n")
+    flags = ["--script", str(script), "--out", str(tmp_path / "o"), "--steps", "2", "--dtype", "bfloat16"]
+    assert main(["chat", str(trained_checkpoint), *flags]) == 0, capsys.readouterr().err
+    assert main(["chat", str(trained_checkpoint), "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_image_and_edit_modes_force_vision_start_and_size_the_output(model, tok,
 def test_explicit_image_size_and_bad_modes(model, tok):
     s = new_session(model, tok)
     s.add_user("draw a red circle")
-    with pytest.raises(ValueError, match="no image to edit"):
+    with pytest.raises(ValueError, match="has no image to edit"):
         s.respond(mode="edit", sampler=FAST)
     with pytest.raises(ValueError, match="mode must be one of"):
         s.respond(mode="picture")

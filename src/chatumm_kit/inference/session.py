@@ -94,7 +94,7 @@ REPLY_MODES = ("auto", "text", "image", "edit")
 ``auto``: the model predicts every intent (SPEC §2). ``text``: the reply's opening marker is forced to ``im_s`` and
 the turn ends after that one text segment (VQA / understanding). ``image``: the opening marker is forced to ``v_s``
 (text-to-image), one image, then the turn ends. ``edit``: as ``image``, but the output takes the size of the
-VAE view of the current user block's last image (BAGEL: an edit's output takes the VAE-resized input's size); the
+VAE view of the conversation's most recent image (the user's, or one generated earlier) (BAGEL: an edit's output takes the VAE-resized input's size); the
 block must hold an image. A forced reply lays out exactly the stream ``auto`` lays out when the model predicts the
 same intent, so the three contexts hold the same things."""
 
@@ -528,15 +528,14 @@ class ChatSession:
         return self._reply(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)
 
     def _edited_image_size(self) -> tuple[int, int]:
-        """``(H, W)`` of the VAE view of the current user block's last image (what an edit's output takes)."""
+        """``(H, W)`` of the VAE view of the edited image — the conversation's most recent image, a user's or a
+        generated one (what an edit's output takes, SPEC §4.1)."""
         for turn in reversed(self.dialogue.turns):
-            if turn.role is not Role.USER:
-                break
             keys = turn.image_keys
             if keys:
                 image = self.images[keys[-1]]
                 return self.packer.view_sizes(int(image.shape[-2]), int(image.shape[-1]))[1]
-        raise ValueError("respond(mode='edit'): the current user turn has no image to edit (add_user(images=[...]))")
+        raise ValueError("respond(mode='edit'): the conversation has no image to edit (add_user(images=[...]))")
 
     @torch.no_grad()
     def _reply(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task):

@@ -142,6 +142,8 @@ def load_checkpoint(
     use_ema: bool | None = None,
     tokenizer: ChatTokenizer | str | Path | None = None,
     spec_overrides: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Rebuild the model of a ``ChatUMMSystem`` checkpoint and load its weights.
 
@@ -150,6 +152,9 @@ def load_checkpoint(
         use_ema: True — the EMA weights (error if there are none); False — the raw weights; None — EMA when present.
         tokenizer: a tokenizer, or the path of one, instead of the spec's ``tokenizer``.
         spec_overrides: keys of the model spec to replace (e.g. ``{"vae_weights": "elsewhere/vae.safetensors"}``).
+        device: where the model is built and its weights loaded (``"cuda"``: straight onto the GPU, no model copy on
+            the host; the checkpoint file is memory-mapped). None: the CPU.
+        dtype: the floating-point dtype the loaded model is cast to (e.g. ``torch.bfloat16``); None: as stored.
 
     Raises:
         FileNotFoundError: the checkpoint, or a file the spec names, is missing.
@@ -179,12 +184,16 @@ def load_checkpoint(
 
     ema = checkpoint_has_ema(path) if use_ema is None else bool(use_ema)
     weights = read_weights(path, use_ema=ema, prefix="model.")
-    model = build_model(spec)
+    with torch.device(device if device is not None else "cpu"):
+        model = build_model(spec)
     if hparams.get("adapter"):  # trained with LoRA: rebuild the unmerged adapter the weights belong to
         apply_lora(model, instantiate(hparams["adapter"], path="hyper_parameters.adapter"))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path}: the weights do not fit the model spec {spec}: {err}") from None
+    del weights
+    if dtype is not None:
+        model.to(dtype=dtype)
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, spec=spec, checkpoint=str(path), ema=ema)
