@@ -16,9 +16,9 @@ markers, and the text); an assistant turn ~10 (text) to ~50 (image and caption).
   re-encoded, every context re-prefilled), then the same ``respond``. The reply itself still decodes with a KV cache
   inside the turn, so this baseline is the conservative one; a decoder with no cache at all would pay far more.
 
-Two kinds of reply, forced so that every run does the same work: a bias on the intent/marker logits (a forward hook
-on ``lm_head``, the hook ``benchmarks/bench_sessions.py`` uses; ``ChatSession`` has no public switch for the
-reply's modality because the model predicts it, SPEC §2) and ``max_segments=1``:
+Two kinds of reply, forced so that every run does the same work: the session's task modes
+(``respond(mode="text" | "image")``, SPEC §4.1: the opening marker is forced and the turn ends after one segment),
+and for text a bias holding ``im_e`` back (a forward hook on ``lm_head``) so it runs to ``max_new_tokens``:
 
 * *text* — one text segment of exactly ``--tokens`` tokens (``im_e`` held back): ``tokens + 2`` decoding steps;
 * *image* — one 32×32 image of ``--steps`` Euler steps with the SPEC's CFG defaults (three contexts inside the
@@ -27,6 +27,9 @@ reply's modality because the model predicts it, SPEC §2) and ``max_segments=1``
 Each timed reply is rolled back afterwards (not timed), and the dialogue's own assistant turn is appended instead, so
 both methods and both reply kinds see the same history at every turn. Per turn, the methods alternate order every
 repeat and the median is kept (after three untimed replies of each kind at turn 1, and one warm-up run per turn).
+
+**Edit** — the cached turn 8 answered with ``mode="edit"`` and BAGEL's edit preset (``bagel_edit``: three contexts
+on every step, ``text_channel`` renorm, ``--steps`` Euler steps counted the kit's way).
 
 **CFG cost** — the cached image turn 8 with one context (``cfg_text_scale = cfg_image_scale = 1``: only the full
 context runs) vs three (scales 4 and 1.5 with ``cfg_interval = (0, 1)``: all three contexts at every step).
@@ -82,6 +85,7 @@ from chatumm_kit.data.shapes import (
     sample_vqa,
 )
 from chatumm_kit.inference.sampler import SamplerConfig
+from chatumm_kit.inference.sampler_presets import sampler_preset
 from chatumm_kit.inference.session import ChatSession, SessionConfig
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.presets import build_model
@@ -151,13 +155,11 @@ def build(hidden: int, layers: int, vocab_size: int = 512) -> tuple[ChatUMM, Cha
 # ---------------------------------------------------------------------------------------------- forcing a reply
 @contextmanager
 def forced(model: ChatUMM, tokenizer: ChatTokenizer, kind: str) -> Iterator[None]:
-    """Bias ``lm_head`` so a reply opens ``kind``: text (and ``im_e`` never wins, so it runs to ``max_new_tokens``)
-    or an image. With ``max_segments=1`` the reply is exactly that one segment."""
+    """Bias ``lm_head`` so that a ``kind="text"`` reply never closes early (``im_e`` never wins, so it runs to
+    ``max_new_tokens``); the reply's modality itself is forced by the task mode."""
     bias = torch.zeros(model.backbone.lm_head.out_features)
     if kind == "text":
-        bias[tokenizer.im_start_id], bias[tokenizer.im_end_id] = 100.0, -100.0
-    else:
-        bias[tokenizer.vision_start_id] = 100.0
+        bias[tokenizer.im_end_id] = -100.0
     handle = model.backbone.lm_head.register_forward_hook(lambda m, args, out: out + bias.to(out.dtype))
     try:
         yield
@@ -167,7 +169,7 @@ def forced(model: ChatUMM, tokenizer: ChatTokenizer, kind: str) -> Iterator[None
 
 @dataclass(frozen=True)
 class Reply:
-    """One forced reply: its kind, text length and sampler."""
+    """One forced reply: its kind (a task mode: ``text``, ``image`` or ``edit``), text length and sampler."""
 
     kind: str
     tokens: int
@@ -175,7 +177,7 @@ class Reply:
 
     def run(self, session: ChatSession) -> None:
         with forced(session.model, session.tokenizer, self.kind):
-            session.respond(max_new_tokens=self.tokens, sampler=self.sampler, max_segments=1)
+            session.respond(max_new_tokens=self.tokens, sampler=self.sampler, mode=self.kind)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -327,8 +329,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     cfg1 = Reply("image", tokens, SamplerConfig(num_steps=steps, seed=0, cfg_text_scale=1.0, cfg_image_scale=1.0))
     cfg3 = Reply("image", tokens, SamplerConfig(num_steps=steps, seed=0, cfg_interval=(0.0, 1.0)))
+    edit = Reply("edit", tokens, sampler_preset("bagel_edit", num_steps=steps, step_convention="euler_steps", seed=0))
 
-    for reply in (*replies.values(), cfg1, cfg3):  # first calls run slow (allocator, kernels): settle before timing
+    # first calls run slow (allocator, kernels): settle before timing
+    for reply in (*replies.values(), cfg1, cfg3, edit):
         for _ in range(1 if args.quick else 3):
             bench.cached(1, reply)()
     rows: list[dict[str, Any]] = []
@@ -344,8 +348,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row[f"cached_{kind}_prefill_ms"], row[f"cached_{kind}_reply_ms"] = cached["prefill"], cached["reply"]
             row[f"recompute_{kind}_prefill_ms"] = recompute["prefill"]
         if k == EXCHANGES:
-            t = median_ms({"cfg1": bench.cached(k, cfg1), "cfg3": bench.cached(k, cfg3)}, repeats=repeats)
-            cfg = {"cfg1_ms": t["cfg1"]["turn"], "cfg3_ms": t["cfg3"]["turn"]}
+            fns = {"cfg1": bench.cached(k, cfg1), "cfg3": bench.cached(k, cfg3), "edit": bench.cached(k, edit)}
+            t = median_ms(fns, repeats=repeats)
+            cfg = {"cfg1_ms": t["cfg1"]["turn"], "cfg3_ms": t["cfg3"]["turn"], "edit_bagel_ms": t["edit"]["turn"]}
             cfg |= {"cfg1_reply_ms": t["cfg1"]["reply"], "cfg3_reply_ms": t["cfg3"]["reply"]}
             fresh = Bench(model, tokenizer, dialogue, clock=args.clock)  # turn 1 again, interleaved with turn 8
             for kind, reply in replies.items():
@@ -418,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{g['turn1_turn_ms'] - g['turn1_attention_ms']:6.1f} -> {g['turn8_turn_ms'] - g['turn8_attention_ms']:6.1f}"
               f" ms ({result['cached_growth_turn8_over_turn1' + suffix + '_outside_attention']:.2f}x)")  # fmt: skip
     print(f"CFG at turn 8 (cached image turn): 1 context {cfg['cfg1_ms']:.1f} ms, 3 contexts {cfg['cfg3_ms']:.1f} ms "
-          f"-> {result['cfg3_over_cfg1']:.2f}x")  # fmt: skip
+          f"-> {result['cfg3_over_cfg1']:.2f}x; edit (mode='edit', bagel_edit preset) {cfg['edit_bagel_ms']:.1f} ms")  # fmt: skip
     if not all(math.isfinite(v) for v in (result["turn8_recompute_over_cached"], result["cfg3_over_cfg1"])):
         raise RuntimeError("bench_chat: a timing is not finite")
     if args.json:
