@@ -65,12 +65,13 @@ def test_image_and_edit_modes_force_vision_start_and_size_the_output(model, tok,
     s = new_session(model, tok)
     edited = torch.randint(0, 256, (3, 24, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     s.add_user("make it blue", images=[edited])
+    session_rule = s.reply_image_size()
     with steer(model, [tok.im_start_id]) as calls:  # the model would answer with text
         reply = s.respond(mode=mode, sampler=FAST)
     assert calls == []  # the opening marker was forced, nothing was predicted
     assert reply.intents == ["image", "end"] and reply.finished
-    # edit: the edited image's VAE view size (24×16); image: SessionConfig.image_size (32×32)
-    assert tuple(reply.images[0].shape) == ((3, 24, 16) if mode == "edit" else (3, 32, 32))
+    # edit: the edited image's VAE view size (24×16); image: the session's sizing rule
+    assert tuple(reply.images[0].shape) == ((3, 24, 16) if mode == "edit" else (3, *session_rule))
     key = reply.image_keys[0]
     turns = [(Role.USER, [ImageSegment("a"), TextSegment("make it blue")]), (Role.ASSISTANT, [ImageSegment(key)])]
     _assert_contexts_match_packing(s, turns, {"a": edited, key: reply.images[0]})
