@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chatumm_kit.config import (
-    DEFAULT_ALLOWED_ROOTS,
     RecipeError,
+    allow_list_from_args,
     load_recipe,
     recipes_root,
     to_yaml,
+    using_allow_list,
     validate_recipe,
 )
 
@@ -44,20 +45,39 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value, +key=value (add) or ~key (delete)")
 
 
-def _allowed(args: argparse.Namespace) -> frozenset[str]:
-    return DEFAULT_ALLOWED_ROOTS | frozenset(args.allow_root or ())
+def check_recipe(cfg) -> str:
+    """Apply the checks of the command that would run ``cfg`` (the same function ``train``/``synth``/``eval``
+    call before building anything); returns the kind found."""
+    if "trainer" in cfg or "system" in cfg:
+        from chatumm_kit.training.run import check_train_recipe
 
+        check_train_recipe(cfg)
+        return "train"
+    if "synth" in cfg:
+        from chatumm_kit.synth.pipeline import check_synth_recipe
 
-def _load_checked(args: argparse.Namespace, defaults: dict | None = None):
-    cfg = load_recipe(args.recipe, args.overrides, defaults=defaults)
-    validate_recipe(cfg, allowed_roots=_allowed(args))
-    return cfg
+        check_synth_recipe(cfg)
+        return "synth"
+    if "heldout" in cfg or "models" in cfg:
+        from chatumm_kit.eval.cli import check_eval_recipe
+
+        check_eval_recipe(cfg)
+        return "eval"
+    validate_recipe(cfg)
+    return "recipe"
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    _load_checked(args)
-    print(f"ok: {args.recipe}")
+    cfg = load_recipe(args.recipe, args.overrides, defaults={"resume_from": None} if _is_train(args) else None)
+    kind = check_recipe(cfg)
+    print(f"ok: {args.recipe} ({kind} recipe)")
     return 0
+
+
+def _is_train(args: argparse.Namespace) -> bool:
+    """Whether the recipe file is a training recipe (``resume_from`` is then a key it always understands)."""
+    cfg = load_recipe(args.recipe)
+    return "trainer" in cfg or "system" in cfg
 
 
 def _run_print(args: argparse.Namespace) -> int:
@@ -75,12 +95,12 @@ def _run_ls(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    cfg = _load_checked(args, defaults={"resume_from": None})
+    cfg = load_recipe(args.recipe, args.overrides, defaults={"resume_from": None})
     from chatumm_kit.data.streaming import DataStallError
     from chatumm_kit.training.run import run_training  # heavy imports only when training
 
     try:
-        run_training(cfg, allowed_roots=_allowed(args))
+        run_training(cfg)  # checks the whole recipe (check_train_recipe) before the first prepare step
     except DataStallError as e:  # the data cannot make a batch: one line, not a traceback or a silent spin
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -88,11 +108,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    cfg = _load_checked(args)
+    cfg = load_recipe(args.recipe, args.overrides)
     from chatumm_kit.synth.pipeline import SynthAborted, run_synth
 
     try:
-        report = run_synth(cfg, allowed_roots=_allowed(args))
+        report = run_synth(cfg)  # checks the whole recipe (check_synth_recipe) before building anything
     except SynthAborted as e:  # the backend failed; finished shards are kept and a rerun resumes
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -285,11 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatumm", description="chatumm_kit: conversational unified multimodal models"
     )
-    parser.add_argument(
+    trust = parser.add_argument_group(
+        "what recipes may build",
+        "A recipe builds only the callables on the kit's allow-list (README: Recipes cannot run code). "
+        "These options widen it for one command, nested recipes of prepare steps included.",
+    )
+    trust.add_argument(
+        "--allow",
+        action="append",
+        metavar="DOTTED",
+        help="also allow this one callable, exactly as written (e.g. mylab.models.MyNet); repeatable",
+    )
+    trust.add_argument(
         "--allow-root",
         action="append",
-        metavar="NAME",
-        help="also allow recipes to build callables from this import root (repeatable)",
+        metavar="PACKAGE",
+        help="also allow every public callable defined under this package (e.g. mylab); repeatable",
+    )
+    trust.add_argument(
+        "--trust-recipe",
+        action="store_true",
+        help="allow ANY public callable: the recipe can then run arbitrary code, like a Python script you run",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
@@ -306,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command].run(args)
+        with using_allow_list(allow_list_from_args(args)):
+            return COMMANDS[args.command].run(args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

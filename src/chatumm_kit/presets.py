@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from chatumm_kit.components.masks import MaskBuilder
@@ -30,7 +30,7 @@ from chatumm_kit.components.mot import MoTBackbone
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.components.vae import FLUX_VAE_KWARGS, VAELatentHead, load_autoencoder_file, tiny_autoencoder
 from chatumm_kit.components.vit import ViTEncoder
-from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, validate_recipe
+from chatumm_kit.config import AllowList, RecipeError, instantiate, validate_recipe
 from chatumm_kit.config.instantiate import COMPONENT_KEY
 from chatumm_kit.model import ChatUMM
 
@@ -204,12 +204,12 @@ def model_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {COMPONENT_KEY: LEGACY_PRESET_NAMES[name], **spec}
 
 
-def check_model_spec(spec: Mapping[str, Any], *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS) -> None:
+def check_model_spec(spec: Mapping[str, Any], *, allow: AllowList | None = None) -> None:
     """Raise :class:`~chatumm_kit.config.RecipeError` naming ``model.KEY`` when ``spec`` does not bind to its
     callable's signature (the recipe validator's own rule, run on the one node; nothing is built)."""
-    validate_recipe({"model": model_spec(spec)}, allowed_roots=allowed_roots)
+    validate_recipe({"model": model_spec(spec)}, allow=allow)
 
 
-def build_model(spec: Mapping[str, Any], *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS) -> ChatUMM:
+def build_model(spec: Mapping[str, Any], *, allow: AllowList | None = None) -> ChatUMM:
     """Build the model a spec describes, through the recipe engine (the allow-list applies)."""
-    return instantiate(model_spec(spec), allowed_roots=allowed_roots, path="model")
+    return instantiate(model_spec(spec), allow=allow, path="model")

@@ -20,6 +20,10 @@ trainer:
 """
 
 
+# Lightning's demo classes are not on the recipe allow-list: the toy recipe opts into them as a user would.
+DEMOS = ["--allow-root", "lightning.pytorch.demos"]
+
+
 @pytest.fixture
 def recipe(tmp_path):
     f = tmp_path / "toy.yaml"
@@ -38,26 +42,26 @@ def test_help_lists_every_command_on_one_line(capsys):
 
 
 def test_validate_and_print(recipe, capsys):
-    assert main(["validate", str(recipe)]) == 0
+    assert main([*DEMOS, "validate", str(recipe)]) == 0
     assert main(["print", str(recipe), "trainer.max_steps=7"]) == 0
     out = capsys.readouterr().out
     assert "ok:" in out and "max_steps: 7" in out
 
 
 def test_bad_recipe_exits_2_with_one_clear_line(recipe, capsys):
-    code = main(["validate", str(recipe), "+system.lrr=1"])
+    code = main([*DEMOS, "validate", str(recipe), "+system.lrr=1"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: system.lrr: unexpected keyword argument 'lrr' for ")
     assert "Traceback" not in err
-    assert main(["train", str(recipe), "trainer.max_stepz=1"]) == 2
+    assert main([*DEMOS, "train", str(recipe), "trainer.max_stepz=1"]) == 2
     assert "trainer.max_stepz: no such key" in capsys.readouterr().err
     assert main(["train", "shapes/does_not_exist"]) == 2
     assert "recipe not found" in capsys.readouterr().err
 
 
 def test_train_runs_a_recipe_end_to_end(recipe, tmp_path, capsys):
-    assert main(["train", str(recipe)]) == 0
+    assert main([*DEMOS, "train", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert f"logs and checkpoints: {tmp_path / 'run'}" in out
     ckpts = list((tmp_path / "run").rglob("*.ckpt"))
@@ -65,9 +69,19 @@ def test_train_runs_a_recipe_end_to_end(recipe, tmp_path, capsys):
 
 
 def test_train_rejects_unknown_top_level_key(recipe, capsys):
-    assert main(["train", str(recipe), "+trainr.x=1"]) == 2
+    assert main([*DEMOS, "train", str(recipe), "+trainr.x=1"]) == 2
     assert "trainr: unknown top-level key" in capsys.readouterr().err
 
 
 def test_ls_lists_shipped_recipes(capsys):
     assert main(["ls"]) == 0
+
+
+def test_demo_classes_need_the_opt_in(recipe, capsys):
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "'lightning.pytorch.demos.boring_classes.BoringModel' is not on the recipe allow-list" in err
+    assert main(["--allow", "lightning.pytorch.demos.boring_classes.BoringModel", "validate", str(recipe)]) == 2
+    err = capsys.readouterr().err  # one of the two admitted: the other is still refused, alone
+    assert "BoringModel'" not in err and "'lightning.pytorch.demos.boring_classes.BoringDataModule' is not" in err
+    assert main(["--trust-recipe", "validate", str(recipe)]) == 0

@@ -83,4 +83,6 @@ def test_fsdp_gpu_constructs_with_per_layer_policies():
     assert s.kwargs["auto_wrap_policy"]._module_classes == {nn.TransformerEncoderLayer, Block}
     assert fsdp_gpu(layer_types=[Block], mixed_precision=None, activation_checkpointing=False).mixed_precision is None
     with pytest.raises(ValueError, match="nn.Module classes"):
+        fsdp_gpu(layer_types=["torch.optim.AdamW"])  # on the recipe allow-list, but not a module class
+    with pytest.raises(ValueError, match="'torch.nn.functional.relu' is not on the recipe allow-list"):
         fsdp_gpu(layer_types=["torch.nn.functional.relu"])

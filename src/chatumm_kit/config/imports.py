@@ -1,9 +1,9 @@
-"""Resolving ``_component_`` dotted paths, limited to allowed import roots (a recipe is not a way to run code).
+"""Resolving ``_component_`` dotted paths, limited to the recipe allow-list (a recipe is not a way to run code).
 
-A dotted path is imported as the longest importable module prefix followed by attribute look-ups. The root package
-must be allowed, no part may be private (``_name``), the object reached must itself live under an allowed root (so
-``torch.os.system`` — ``os`` re-exported by ``torch`` — is refused), and a short deny-list blocks the few callables
-inside allowed roots that load pickles or compile code.
+The decision is made on the text, before anything is imported: the path must be on the
+:class:`~chatumm_kit.config.allowlist.AllowList` in force, with no private part (``_name``). Then the path is
+imported as its longest importable module prefix followed by attribute look-ups; a name admitted through a
+user-given root must resolve to an object defined under such a root too (``mylab.os.system`` is refused).
 
 Example:
     >>> resolve_callable("torch.nn.Linear")
@@ -14,59 +14,37 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
+from chatumm_kit.config.allowlist import AllowList, current_allow_list
 from chatumm_kit.config.errors import RecipeError
 
-__all__ = ["DEFAULT_ALLOWED_ROOTS", "DENIED_PREFIXES", "resolve_callable"]
-
-DEFAULT_ALLOWED_ROOTS: frozenset[str] = frozenset(
-    {"chatumm_kit", "torch", "lightning", "timm", "diffusers", "torchvision", "webdataset"}
-)
-
-# Callables inside allowed roots that would let a YAML file unpickle, download or compile arbitrary code.
-DENIED_PREFIXES: tuple[str, ...] = (
-    "torch.load",
-    "torch.hub",
-    "torch.jit.load",
-    "torch.package",
-    "torch.utils.cpp_extension",
-    "torch.compiler",
-    "torch.serialization",
-    "torch.ops.load_library",
-    "torch.classes.load_library",
-    "torch.utils.data.datapipes",
-    "lightning.fabric.utilities.cloud_io",
-)
+__all__ = ["resolve_callable", "check_allowed"]
 
 
-def _root(name: str) -> str:
-    return name.split(".", 1)[0]
-
-
-def _is_denied(dotted: str) -> bool:
-    return any(dotted == p or dotted.startswith(p + ".") for p in DENIED_PREFIXES)
-
-
-def resolve_callable(
-    dotted: str, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS, where: str = "_component_"
-) -> Callable[..., Any]:
-    """Import the callable named by ``dotted``; raise :class:`RecipeError` naming ``where`` if refused or missing."""
-    allowed = frozenset(allowed_roots)
+def check_allowed(dotted: Any, *, allow: AllowList | None = None, where: str = "_component_") -> str:
+    """Raise :class:`RecipeError` naming ``where`` unless ``dotted`` may be built; return it."""
+    allow = allow or current_allow_list()
     if not isinstance(dotted, str) or not dotted or dotted.strip() != dotted:
         raise RecipeError(f"{where}: _component_ must be a dotted path string, got {dotted!r}")
-    parts = dotted.split(".")
-    if _root(dotted) not in allowed:
-        raise RecipeError(
-            f"{where}: {dotted!r} is outside the allowed import roots ({', '.join(sorted(allowed))}); "
-            "add a root explicitly (chatumm --allow-root NAME) if you trust it"
-        )
-    if any(not p or p.startswith("_") for p in parts):
+    if any(not p or p.startswith("_") for p in dotted.split(".")):
         raise RecipeError(f"{where}: {dotted!r} names a private or empty attribute; only public callables can be built")
-    if _is_denied(dotted):
-        raise RecipeError(f"{where}: {dotted!r} is denied in recipes (it can load pickles or compile code)")
+    if not allow.admits(dotted):
+        hint = allow.near_miss(dotted)
+        raise RecipeError(
+            f"{where}: {dotted!r} is not on the recipe allow-list"
+            + (f" (did you mean {hint}?)" if hint and hint != dotted else "")
+            + f"; if you trust it, run chatumm --allow {dotted} ... (README: Recipes cannot run code)"
+        )
+    return dotted
 
+
+def resolve_callable(dotted: str, *, allow: AllowList | None = None, where: str = "_component_") -> Callable[..., Any]:
+    """Import the callable named by ``dotted``; raise :class:`RecipeError` naming ``where`` if refused or missing."""
+    allow = allow or current_allow_list()
+    check_allowed(dotted, allow=allow, where=where)
+    parts = dotted.split(".")
     module = None
     split = len(parts)
     while split > 0:
@@ -88,10 +66,8 @@ def resolve_callable(
             )
         obj = getattr(obj, attr)
         owner = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None)
-        if owner is not None and (
-            _root(owner) not in allowed or _is_denied(f"{owner}.{getattr(obj, '__qualname__', '')}")
-        ):
-            raise RecipeError(f"{where}: {dotted!r} resolves to {owner}, outside the allowed import roots")
+        if not allow.admits_owner(dotted, owner):
+            raise RecipeError(f"{where}: {dotted!r} resolves to {owner}, outside the roots allowed with --allow-root")
     if inspect.ismodule(obj) or not callable(obj):
         raise RecipeError(f"{where}: {dotted!r} is not callable")
     return obj

@@ -18,13 +18,13 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from chatumm_kit.config.allowlist import AllowList, current_allow_list
 from chatumm_kit.config.errors import RecipeError
-from chatumm_kit.config.imports import DEFAULT_ALLOWED_ROOTS, resolve_callable
+from chatumm_kit.config.imports import resolve_callable
 
 __all__ = ["instantiate", "COMPONENT_KEY", "CONFIG_ARGUMENTS", "PARTIAL_KEY", "RESERVED_KEYS"]
 
@@ -42,22 +42,22 @@ def _to_plain(node: Any) -> Any:
     return node
 
 
-def _build(node: Any, path: str, allowed: frozenset[str]) -> Any:
+def _build(node: Any, path: str, allow: AllowList) -> Any:
     if isinstance(node, dict):
         if COMPONENT_KEY in node:
-            return _call(node, path, allowed, (), {})
-        return {k: _build(v, f"{path}.{k}" if path else str(k), allowed) for k, v in node.items()}
+            return _call(node, path, allow, (), {})
+        return {k: _build(v, f"{path}.{k}" if path else str(k), allow) for k, v in node.items()}
     if isinstance(node, list):
-        return [_build(v, f"{path}[{i}]", allowed) for i, v in enumerate(node)]
+        return [_build(v, f"{path}[{i}]", allow) for i, v in enumerate(node)]
     return node
 
 
-def _call(node: dict, path: str, allowed: frozenset[str], args: tuple, kwargs: dict) -> Any:
+def _call(node: dict, path: str, allow: AllowList, args: tuple, kwargs: dict) -> Any:
     where = path or "<root>"
-    fn = resolve_callable(node[COMPONENT_KEY], allowed_roots=allowed, where=where)
+    fn = resolve_callable(node[COMPONENT_KEY], allow=allow, where=where)
     kept = getattr(fn, CONFIG_ARGUMENTS, ())
     built = {
-        k: v if k in kept else _build(v, f"{path}.{k}" if path else str(k), allowed)
+        k: v if k in kept else _build(v, f"{path}.{k}" if path else str(k), allow)
         for k, v in node.items()
         if k not in RESERVED_KEYS
     }
@@ -68,27 +68,25 @@ def _call(node: dict, path: str, allowed: frozenset[str], args: tuple, kwargs: d
         return fn(*args, **built)
     except RecipeError:
         raise
-    except TypeError as e:
-        # Wrong or missing arguments: say which node and which callable, not a bare traceback.
+    except (TypeError, ValueError) as e:
+        # Wrong or missing arguments, or values the callable refuses: say which node and which callable.
         raise RecipeError(f"{where}: building {node[COMPONENT_KEY]} failed: {e}") from e
 
 
-def instantiate(
-    node: Any, *args: Any, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS, path: str = "", **kwargs: Any
-) -> Any:
+def instantiate(node: Any, *args: Any, allow: AllowList | None = None, path: str = "", **kwargs: Any) -> Any:
     """Build ``node`` (a DictConfig/dict with ``_component_``, a list, or a plain value) recursively.
 
     Args:
         node: the recipe node.
         *args: positional runtime objects for the top-level callable.
-        allowed_roots: import roots ``_component_`` paths may come from.
+        allow: what ``_component_`` may name (default: the list in force, :func:`current_allow_list`).
         path: the node's YAML path in its recipe (``"model"``), used in error messages.
         **kwargs: runtime keyword arguments for the top-level callable; they override the recipe's.
     """
-    allowed = frozenset(allowed_roots)
+    allow = allow or current_allow_list()
     plain = _to_plain(node)
     if isinstance(plain, dict) and COMPONENT_KEY in plain:
-        return _call(plain, path, allowed, args, kwargs)
+        return _call(plain, path, allow, args, kwargs)
     if args or kwargs:
         raise RecipeError(f"{path or '<root>'}: runtime arguments given but the node has no _component_")
-    return _build(plain, path, allowed)
+    return _build(plain, path, allow)

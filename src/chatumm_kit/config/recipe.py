@@ -23,8 +23,64 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from chatumm_kit.config.errors import RecipeError
+from chatumm_kit.config.secrets import redact
 
-__all__ = ["load_recipe", "apply_overrides", "resolve_recipe", "to_yaml", "recipes_root", "find_recipe"]
+__all__ = [
+    "load_recipe",
+    "apply_overrides",
+    "resolve_recipe",
+    "to_yaml",
+    "recipes_root",
+    "find_recipe",
+    "parse_yaml",
+    "MAX_YAML_NODES",
+]
+
+# A recipe is a few hundred nodes; aliases may share nodes, but expanded (as OmegaConf copies them) the document must
+# stay small, or a 300-byte file of nested aliases (``&a [*b, *b, ...]``) expands to gigabytes.
+MAX_YAML_NODES = 200_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], stack: set[int], limit: int) -> int:
+    """Nodes in ``node`` once every alias is copied out; stops counting past ``limit``."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in stack:
+        raise RecipeError("a YAML alias refers to a node that contains it (a recursive alias)")
+    stack.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, memo, stack, limit)
+        if total > limit:
+            break
+    stack.discard(key)
+    memo[key] = total
+    return total
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no python tags) that refuses documents whose aliases expand past :data:`MAX_YAML_NODES`."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, {}, set(), MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise RecipeError(f"YAML aliases expand to more than {MAX_YAML_NODES} nodes (an alias bomb?)")
+        return node
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with alias expansion bounded; raises :class:`RecipeError` (without a location prefix)."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise RecipeError("YAML nested too deeply") from None
 
 
 def recipes_root() -> Path:
@@ -55,7 +111,11 @@ def load_recipe(
     """
     file = find_recipe(path)
     try:
-        raw = yaml.safe_load(file.read_text())
+        raw = parse_yaml(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except RecipeError as e:
+        raise RecipeError(f"{file}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -74,7 +134,9 @@ def load_recipe(
 
 def _parse_value(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return parse_yaml(text) if text != "" else ""
+    except RecipeError as e:
+        raise RecipeError(f"{where}: cannot parse override value {text!r}: {e}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{where}: cannot parse override value {text!r}: {e}") from None
 
@@ -183,5 +245,7 @@ def resolve_recipe(cfg: DictConfig) -> None:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """The recipe with every interpolation resolved, as YAML text."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The recipe with every interpolation resolved, as YAML text — except environment values, which stay
+    ``${oc.env:VAR}`` (:func:`~chatumm_kit.config.secrets.redact`): this text is what runs save and print."""
+    plain = redact(OmegaConf.to_container(cfg, resolve=True))
+    return OmegaConf.to_yaml(OmegaConf.create(plain), resolve=False)

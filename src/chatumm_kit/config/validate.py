@@ -19,14 +19,14 @@ import inspect
 import types
 import typing
 from collections import abc
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from chatumm_kit.config.allowlist import AllowList, current_allow_list
 from chatumm_kit.config.errors import RecipeError
-from chatumm_kit.config.imports import DEFAULT_ALLOWED_ROOTS, resolve_callable
+from chatumm_kit.config.imports import resolve_callable
 from chatumm_kit.config.instantiate import COMPONENT_KEY, PARTIAL_KEY, RESERVED_KEYS
 
 __all__ = ["validate_recipe", "check_type"]
@@ -45,10 +45,10 @@ def _hints(fn: Any) -> dict[str, Any]:
         return {}
 
 
-def _component_type(value: Any, allowed: frozenset[str]) -> Any:
+def _component_type(value: Any, allow: AllowList) -> Any:
     if isinstance(value, dict) and COMPONENT_KEY in value and not value.get(PARTIAL_KEY):
         try:
-            fn = resolve_callable(value[COMPONENT_KEY], allowed_roots=allowed)
+            fn = resolve_callable(value[COMPONENT_KEY], allow=allow)
         except RecipeError:
             return _NO_CHECK
         return fn if inspect.isclass(fn) else _NO_CHECK
@@ -99,12 +99,10 @@ def _describe(v: Any) -> str:
     return f"{type(v).__name__} {v!r}" if not isinstance(v, (dict, list)) else type(v).__name__
 
 
-def _check_node(node: dict, path: str, allowed: frozenset[str], problems: list[str]) -> None:
+def _check_node(node: dict, path: str, allow: AllowList, problems: list[str]) -> None:
     where = path or "<root>"
     try:
-        fn = resolve_callable(
-            node[COMPONENT_KEY], allowed_roots=allowed, where=f"{path}._component_" if path else COMPONENT_KEY
-        )
+        fn = resolve_callable(node[COMPONENT_KEY], allow=allow, where=f"{path}._component_" if path else COMPONENT_KEY)
     except RecipeError as e:
         problems.extend(e.problems)
         return
@@ -131,7 +129,7 @@ def _check_node(node: dict, path: str, allowed: frozenset[str], problems: list[s
     hints = _hints(fn)
     for key, value in kwargs.items():
         if key in params and key in hints:
-            built = _component_type(value, allowed)
+            built = _component_type(value, allow)
             if not check_type(value, hints[key], built_class=built):
                 problems.append(f"{where}.{key}: expected {_fmt(hints[key])} for {name}, got {_describe(value)}")
 
@@ -140,22 +138,22 @@ def _fmt(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _walk(node: Any, path: str, allowed: frozenset[str], problems: list[str]) -> None:
+def _walk(node: Any, path: str, allow: AllowList, problems: list[str]) -> None:
     if isinstance(node, dict):
         if COMPONENT_KEY in node:
-            _check_node(node, path, allowed, problems)
+            _check_node(node, path, allow, problems)
         for k, v in node.items():
             if k not in RESERVED_KEYS:
-                _walk(v, f"{path}.{k}" if path else str(k), allowed, problems)
+                _walk(v, f"{path}.{k}" if path else str(k), allow, problems)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            _walk(v, f"{path}[{i}]", allowed, problems)
+            _walk(v, f"{path}[{i}]", allow, problems)
 
 
-def validate_recipe(cfg: DictConfig | dict, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS) -> None:
+def validate_recipe(cfg: DictConfig | dict, *, allow: AllowList | None = None) -> None:
     """Raise :class:`RecipeError` listing every problem found (one line each, YAML path first)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     problems: list[str] = []
-    _walk(plain, "", frozenset(allowed_roots), problems)
+    _walk(plain, "", allow or current_allow_list(), problems)
     if problems:
         raise RecipeError(problems)

@@ -31,14 +31,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, load_recipe, validate_recipe
+from chatumm_kit.config import RecipeError, instantiate, load_recipe, validate_recipe
 
-__all__ = ["add_arguments", "run", "run_eval", "run_suite_recipe", "summarise", "REPORT_STEM"]
+__all__ = ["add_arguments", "check_eval_recipe", "run", "run_eval", "run_suite_recipe", "summarise", "REPORT_STEM"]
 
 REPORT_STEM = "eval_report"
 
@@ -49,15 +48,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load and validate the recipe, then :func:`run_eval`; returns the exit code."""
-    allowed = DEFAULT_ALLOWED_ROOTS | frozenset(getattr(args, "allow_root", None) or ())
-    cfg = load_recipe(args.recipe, args.overrides)
-    validate_recipe(cfg, allowed_roots=allowed)
-    run_eval(cfg, allowed_roots=allowed)
+    """Load the recipe and :func:`run_eval` it (which checks it first); returns the exit code."""
+    run_eval(load_recipe(args.recipe, args.overrides))
     return 0
 
 
-def _models(cfg: DictConfig, allowed: frozenset[str]) -> dict:
+def check_eval_recipe(cfg: DictConfig) -> None:
+    """Everything ``chatumm validate`` can know about an eval recipe (a suite with ``tasks``, or the ShapesChat
+    benchmark): its required keys, and every node allowed and bound (:func:`~chatumm_kit.config.validate_recipe`)."""
+    suite = "tasks" in cfg
+    needed = ("models", "tasks") if suite else ("heldout", "models")
+    missing = [f"{k}: missing (a{' suite' if suite else 'n eval'} recipe needs it)" for k in needed if k not in cfg]
+    if missing:
+        raise RecipeError(missing)
+    if not isinstance(cfg.models, DictConfig) or not cfg.models:
+        raise RecipeError("models: must be a non-empty mapping of name → ModelSource (or checkpoint path)")
+    if suite and (not isinstance(cfg.tasks, DictConfig) or not cfg.tasks):
+        raise RecipeError("tasks: must be a non-empty mapping of name → task node (chatumm_kit.eval.tasks)")
+    validate_recipe(cfg)
+
+
+def _models(cfg: DictConfig) -> dict:
     """The recipe's ``models``: name → :class:`~chatumm_kit.eval.ModelSource` (checked to exist)."""
     from chatumm_kit.eval.benchmark import ModelSource
 
@@ -65,7 +76,7 @@ def _models(cfg: DictConfig, allowed: frozenset[str]) -> dict:
         raise RecipeError("models: must be a non-empty mapping of name → ModelSource (or checkpoint path)")
     models = {}
     for name in cfg.models:
-        built = instantiate(cfg.models[name], allowed_roots=allowed, path=f"models.{name}")
+        built = instantiate(cfg.models[name], path=f"models.{name}")
         source = ModelSource(checkpoint=str(built)) if isinstance(built, str) else built
         if not isinstance(source, ModelSource):
             raise RecipeError(f"models.{name}: built {type(source).__name__}, expected a ModelSource or a path")
@@ -78,26 +89,21 @@ def _models(cfg: DictConfig, allowed: frozenset[str]) -> dict:
     return models
 
 
-def run_suite_recipe(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS):
+def run_suite_recipe(cfg: DictConfig):
     """Run a suite recipe (``tasks`` mapping; keys in the module docstring); returns the
     :class:`~chatumm_kit.eval.suite.SuiteReport`."""
     from chatumm_kit.eval.judge import Judge
     from chatumm_kit.eval.suite import SuiteSettings, run_suite
     from chatumm_kit.eval.tasks import EvalTask, missing_inputs
 
-    allowed = frozenset(allowed_roots)
-    missing = [f"{k}: missing (a suite recipe needs it)" for k in ("models", "tasks") if k not in cfg]
-    if missing:
-        raise RecipeError(missing)
-    if not isinstance(cfg.tasks, DictConfig) or not cfg.tasks:
-        raise RecipeError("tasks: must be a non-empty mapping of name → task node (chatumm_kit.eval.tasks)")
+    check_eval_recipe(cfg)
     output_dir = Path(str(cfg.get("output_dir") or "runs/eval"))
     for i, step in enumerate(cfg.get("prepare") or []):
-        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
-    models = _models(cfg, allowed)
+        instantiate(step, path=f"prepare[{i}]")
+    models = _models(cfg)
     tasks = {}
     for name in cfg.tasks:
-        task = instantiate(cfg.tasks[name], allowed_roots=allowed, path=f"tasks.{name}")
+        task = instantiate(cfg.tasks[name], path=f"tasks.{name}")
         if not isinstance(task, EvalTask):
             raise RecipeError(f"tasks.{name}: built {type(task).__name__}, expected a task of chatumm_kit.eval.tasks")
         tasks[str(name)] = task
@@ -107,7 +113,7 @@ def run_suite_recipe(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_
         raise RecipeError(gone)
     judge = None
     if cfg.get("judge") is not None:
-        judge = instantiate(cfg.judge, allowed_roots=allowed, path="judge")
+        judge = instantiate(cfg.judge, path="judge")
         if not isinstance(judge, Judge):
             raise RecipeError(f"judge: built {type(judge).__name__}, expected chatumm_kit.eval.Judge")
     needing = [f"tasks.{n}: a judged task ({t.kind}); the recipe needs a 'judge' node" for n, t in tasks.items()
@@ -116,7 +122,7 @@ def run_suite_recipe(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_
         raise RecipeError(needing)
     settings = SuiteSettings()
     if cfg.get("settings") is not None:
-        settings = instantiate(cfg.settings, allowed_roots=allowed, path="settings")
+        settings = instantiate(cfg.settings, path="settings")
         if not isinstance(settings, SuiteSettings):
             raise RecipeError(f"settings: built {type(settings).__name__}, expected chatumm_kit.eval.SuiteSettings")
     report = run_suite(models=models, tasks=tasks, judge=judge, settings=settings, output_dir=output_dir,
@@ -129,7 +135,7 @@ def run_suite_recipe(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_
     return report
 
 
-def run_eval(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS):
+def run_eval(cfg: DictConfig):
     """Run an eval recipe (keys in the module docstring); returns the :class:`~chatumm_kit.eval.BenchmarkReport`
     (or, for a suite recipe, the :class:`~chatumm_kit.eval.suite.SuiteReport`)."""
     from chatumm_kit.data.shapes import WorldConfig
@@ -137,29 +143,26 @@ def run_eval(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_
     from chatumm_kit.synth.pipeline import SynthPipeline
 
     if "tasks" in cfg:
-        return run_suite_recipe(cfg, allowed_roots=allowed_roots)
-    allowed = frozenset(allowed_roots)
-    missing = [f"{k}: missing (an eval recipe needs it)" for k in ("heldout", "models") if k not in cfg]
-    if missing:
-        raise RecipeError(missing)
+        return run_suite_recipe(cfg)
+    check_eval_recipe(cfg)
     output_dir = Path(str(cfg.get("output_dir") or "runs/eval"))
 
     for i, step in enumerate(cfg.get("prepare") or []):
-        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
-    models = _models(cfg, allowed)
+        instantiate(step, path=f"prepare[{i}]")
+    models = _models(cfg)
 
-    world = instantiate(cfg.world, allowed_roots=allowed, path="world") if cfg.get("world") is not None else None
+    world = instantiate(cfg.world, path="world") if cfg.get("world") is not None else None
     if world is not None and not isinstance(world, WorldConfig):
         raise RecipeError(f"world: built {type(world).__name__}, expected a chatumm_kit.data.shapes.WorldConfig")
     settings = BenchmarkSettings()
     if cfg.get("benchmark") is not None:
-        settings = instantiate(cfg.benchmark, allowed_roots=allowed, path="benchmark")
+        settings = instantiate(cfg.benchmark, path="benchmark")
         if not isinstance(settings, BenchmarkSettings):
             raise RecipeError(
                 f"benchmark: built {type(settings).__name__}, expected chatumm_kit.eval.BenchmarkSettings"
             )
 
-    heldout = instantiate(cfg.heldout, allowed_roots=allowed, path="heldout")
+    heldout = instantiate(cfg.heldout, path="heldout")
     if isinstance(heldout, SynthPipeline):
         heldout.run()  # resumes an interrupted run; a finished one is left as it is
         shards = str(heldout.output_dir / "index.json")
@@ -181,5 +184,20 @@ def summarise(*, checkpoint: str, recipe: str = "shapes/eval", name: str = "mode
     cfg = load_recipe(recipe, overrides or [])
     cfg.models = {name: checkpoint}
     cfg.prepare = []
-    validate_recipe(cfg)
-    return run_eval(cfg)
+    return run_eval(cfg)  # checks the recipe first
+
+
+def _check_summarised(cfg: DictConfig) -> None:
+    cfg.models = {"model": "checkpoint.ckpt"}  # as summarise sets them
+    cfg.prepare = []
+    check_eval_recipe(cfg)
+
+
+def _summarise_check(kwargs):
+    """``chatumm validate`` hook of a ``report`` step: the eval recipe it would run, checked like ``chatumm eval``."""
+    from chatumm_kit.training.prepare import nested_recipe_check
+
+    return nested_recipe_check(_check_summarised)({"recipe": "shapes/eval", **kwargs})
+
+
+summarise.check_recipe_arguments = _summarise_check

@@ -7,6 +7,12 @@ errors with exponential backoff (honouring ``Retry-After``). Anything else — a
 :class:`~.ops.BackendError` naming the status and the start of the body. The API key comes from an environment
 variable (never from a recipe); with no key set, no ``Authorization`` header is sent (local servers).
 
+Keys and environment values stay with the hosts you chose (README "Bad input"): the key is sent only to a loopback
+host, or over https to ``api.openai.com`` or a host you list in ``$CHATUMM_API_HOSTS`` (comma-separated
+``host[:port]``; an ``http://host[:port]`` entry also allows plain http to it). A backend pointed elsewhere while the
+key is set refuses to start. No request may carry a value the recipe read with ``${oc.env:VAR}`` (in ``model``,
+``extra_body``, the URL or a prompt): the backend refuses to start, or the request is not sent.
+
 The deterministic rule-based backend for the ShapesChat world lives in :mod:`.shapes_backend`.
 
 Example:
@@ -19,23 +25,66 @@ from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import json
 import os
 import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from chatumm_kit.config.secrets import find_env_value
 from chatumm_kit.synth.ops import BackendError, ChatMessage, Operation
 from chatumm_kit.synth.records import ImageRef
 
-__all__ = ["RateLimiter", "OpenAIChatBackend", "BackendStats", "image_data_url", "RETRY_STATUS"]
+__all__ = [
+    "RateLimiter",
+    "OpenAIChatBackend",
+    "BackendStats",
+    "image_data_url",
+    "RETRY_STATUS",
+    "API_HOSTS_ENV",
+    "key_may_go_to",
+]
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+API_HOSTS_ENV = "CHATUMM_API_HOSTS"
+DEFAULT_API_HOSTS = ("api.openai.com",)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def key_may_go_to(url: str) -> bool:
+    """Whether an API key may be sent to ``url``: a loopback host (any scheme), or https to ``api.openai.com`` or a
+    host in ``$CHATUMM_API_HOSTS``; plain http only to an ``http://host[:port]`` entry there.
+
+    Example:
+        >>> key_may_go_to("http://127.0.0.1:8000/v1"), key_may_go_to("http://api.openai.com/v1")
+        (True, False)
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if _is_loopback(host):
+        return True
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    entries = [e.strip().lower() for e in os.environ.get(API_HOSTS_ENV, "").split(",") if e.strip()]
+    entries += DEFAULT_API_HOSTS
+    if parts.scheme == "https":
+        return host in entries or netloc in entries or f"https://{netloc}" in entries or f"https://{host}" in entries
+    return parts.scheme == "http" and (f"http://{netloc}" in entries or f"http://{host}" in entries)
 
 
 def image_data_url(image: ImageRef) -> str:
@@ -101,7 +150,8 @@ class OpenAIChatBackend:
     Args:
         model: model name sent in the request; also the ``model`` part of the cache key.
         base_url: API root, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1`` (vLLM, llama.cpp).
-        api_key_env: environment variable holding the API key (read at each request; unset → no auth header).
+        api_key_env: environment variable holding the API key (read at each request; unset or ``None`` → no auth
+            header). Sent only where :func:`key_may_go_to` allows.
         timeout_s: per-request timeout.
         max_retries: retries after the first try for retryable failures.
         backoff_s, max_backoff_s: exponential backoff base and cap (``Retry-After`` wins when the server sends it).
@@ -118,7 +168,7 @@ class OpenAIChatBackend:
         *,
         model: str,
         base_url: str = "https://api.openai.com/v1",
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = "OPENAI_API_KEY",
         timeout_s: float = 60.0,
         max_retries: int = 5,
         backoff_s: float = 1.0,
@@ -138,6 +188,20 @@ class OpenAIChatBackend:
         self.model = model
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env
+        if api_key_env and os.environ.get(api_key_env) and not key_may_go_to(self.url):
+            host = urllib.parse.urlsplit(self.url).netloc
+            raise ValueError(
+                f"OpenAIChatBackend: not sending ${api_key_env} to {self.url} (API keys go to loopback hosts, or over "
+                f"https to {', '.join(DEFAULT_API_HOSTS)} or a host in ${API_HOSTS_ENV}); trust it with "
+                f"export {API_HOSTS_ENV}={'http://' if self.url.startswith('http:') else ''}{host}, or set "
+                "api_key_env: null"
+            )
+        leaked = find_env_value(json.dumps([model, self.url, dict(extra_body or {})], default=str))
+        if leaked:
+            raise ValueError(
+                f"OpenAIChatBackend: model, base_url or extra_body holds the value of ${leaked} (read with "
+                "${oc.env:...}); environment values are never sent in requests"
+            )
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -194,8 +258,8 @@ class OpenAIChatBackend:
 
     def _post(self, body: bytes) -> bytes:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key and key_may_go_to(self.url):  # checked again: the environment may have changed since construction
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with self._slots:
@@ -218,7 +282,15 @@ class OpenAIChatBackend:
 
     def complete(self, messages: Sequence[ChatMessage]) -> str:
         """The assistant's text for ``messages``; raises :class:`BackendError` when retries are exhausted."""
-        body = json.dumps(self.payload(messages)).encode("utf-8")
+        text = json.dumps(self.payload(messages))
+        leaked = find_env_value(text)
+        if leaked:
+            raise BackendError(
+                f"not sending a request to {self.url}: it would carry the value of ${leaked} (read by the recipe with "
+                "${oc.env:...}); environment values are never sent",
+                stop_run=True,
+            )
+        body = text.encode("utf-8")
         last = ""
         for attempt in range(self.max_retries + 1):
             waited = self.limiter.acquire()

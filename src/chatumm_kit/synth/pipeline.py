@@ -34,7 +34,7 @@ import logging
 import random
 import traceback
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate
+from chatumm_kit.config import RecipeError, instantiate, validate_recipe
 from chatumm_kit.data.dialogue import DialogueError, DialogueSample
 from chatumm_kit.data.shards import INDEX_NAME, DialogueShardWriter, ShardIndex
 from chatumm_kit.synth.cache import AnswerCache
@@ -54,7 +54,16 @@ from chatumm_kit.synth.sources import RecordPool
 from chatumm_kit.synth.stages import Stage, StageContext
 from chatumm_kit.synth.taxonomy import MixBalancer, Steering, SynthReport, TaxonomyTargets, TurnTags
 
-__all__ = ["SynthPipeline", "SynthAborted", "SynthState", "CandidateResult", "run_synth", "SYNTH_KEYS", "STATE_NAME"]
+__all__ = [
+    "SynthPipeline",
+    "SynthAborted",
+    "SynthState",
+    "CandidateResult",
+    "check_synth_recipe",
+    "run_synth",
+    "SYNTH_KEYS",
+    "STATE_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -383,9 +392,14 @@ class SynthPipeline:
         return report
 
 
-def run_synth(
-    cfg: DictConfig | Mapping[str, Any], *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS
-) -> SynthReport:
+def check_synth_recipe(cfg: DictConfig) -> None:
+    """Everything ``chatumm validate`` can know about a synth recipe: a ``synth`` node, every node allowed and bound."""
+    if "synth" not in cfg:
+        raise RecipeError("synth: missing (a synth recipe needs a 'synth' node building a SynthPipeline)")
+    validate_recipe(cfg)
+
+
+def run_synth(cfg: DictConfig | Mapping[str, Any]) -> SynthReport:
     """``chatumm synth RECIPE``: build the recipe's ``synth`` node (a :class:`SynthPipeline`) and run it.
 
     A synth recipe has the top-level keys ``seed`` and ``output_dir`` (usually interpolated into the node) and
@@ -393,9 +407,8 @@ def run_synth(
     ``synth`` node interpolates. Prints where the shards and the report went.
     """
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    if "synth" not in cfg:
-        raise RecipeError("synth: missing (a synth recipe needs a 'synth' node building a SynthPipeline)")
-    pipeline = instantiate(cfg.synth, allowed_roots=allowed_roots, path="synth")
+    check_synth_recipe(cfg)
+    pipeline = instantiate(cfg.synth, path="synth")
     if not isinstance(pipeline, SynthPipeline):
         raise RecipeError(f"synth: built {type(pipeline).__name__}, expected a chatumm_kit.synth.SynthPipeline")
     # Rendering 32×32 scenes is dominated by thread start-up with torch's default pool; one thread is ~30× faster.

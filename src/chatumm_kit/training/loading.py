@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config import instantiate
+from chatumm_kit.config.secrets import restore_env
 from chatumm_kit.data.view_sizing import ViewSizing, view_sizing_of_data
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.presets import build_model, model_spec
@@ -99,7 +100,7 @@ def checkpoint_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
             f"{path}: no hyper_parameters.model (the model spec); is this a ChatUMMSystem checkpoint? "
             f"(hyper_parameters keys: {sorted(hparams) if isinstance(hparams, Mapping) else None})"
         )
-    return dict(hparams)
+    return restore_env(dict(hparams))  # ${oc.env:VAR} stored in place of environment values → this machine's
 
 
 def checkpoint_view_sizing(checkpoint: str | Path) -> ViewSizing | None:

@@ -7,22 +7,61 @@ second run reuses both.
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ensure_trained", "ensure_synthesised", "ensure_tokenizer", "ensure_exported", "dialogue_texts"]
+__all__ = [
+    "ensure_trained",
+    "ensure_synthesised",
+    "ensure_tokenizer",
+    "ensure_exported",
+    "dialogue_texts",
+    "nested_recipe_check",
+]
+
+_CHECKING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("chatumm_nested_recipes", default=())
+
+
+def nested_recipe_check(check: Callable[[Any], None], *, defaults: dict | None = None):
+    """A ``check_recipe_arguments`` hook for a step that runs another recipe (``recipe`` + ``overrides``): load it
+    and apply ``check`` (the checks of the command that would run it), so ``chatumm validate`` and the start of
+    ``chatumm train`` see a refused callable or a typo in a nested recipe before any step runs. A recipe that
+    prepares itself (a cycle) is an error."""
+
+    def hook(kwargs: dict[str, Any]) -> list[str]:
+        from chatumm_kit.config import RecipeError, find_recipe, load_recipe
+
+        recipe, overrides = kwargs.get("recipe"), kwargs.get("overrides") or []
+        if not isinstance(recipe, str) or not isinstance(overrides, list):
+            return []  # the signature check reports the type
+        try:
+            file = str(find_recipe(recipe).resolve())
+            if file in _CHECKING.get():
+                return [f"recipe: {recipe} runs itself through its own steps (a cycle)"]
+            token = _CHECKING.set((*_CHECKING.get(), file))
+            try:
+                check(load_recipe(recipe, [str(o) for o in overrides], defaults=defaults))
+            finally:
+                _CHECKING.reset(token)
+        except RecipeError as e:
+            return [f"recipe: in {recipe}: {p}" for p in e.problems]
+        return []
+
+    return hook
 
 
 def _ensure(*, kind: str, recipe: str, artifact: str, overrides: list[str] | None, run) -> Path:
-    from chatumm_kit.config import load_recipe, validate_recipe
+    from chatumm_kit.config import load_recipe
 
     path = Path(artifact)
     if path.exists():
         print(f"prepare: reusing {path}")
         return path
     print(f"prepare: {path} is missing, running chatumm {kind} {recipe}")
-    cfg = load_recipe(recipe, overrides or [])
-    validate_recipe(cfg)
-    run(cfg)
+    cfg = load_recipe(recipe, overrides or [], defaults={"resume_from": None} if kind == "train" else None)
+    run(cfg)  # run_training / run_synth check the whole recipe first, under the allow-list in force
     if not path.exists():
         raise FileNotFoundError(f"prepare: recipe {recipe} finished but did not produce {path}")
     return path
@@ -52,6 +91,22 @@ def dialogue_texts(shards: str | list[str]):
             for seg in turn.segments:
                 if isinstance(seg, TextSegment):
                     yield seg.text
+
+
+def _check_train(cfg) -> None:
+    from chatumm_kit.training.run import check_train_recipe
+
+    check_train_recipe(cfg)
+
+
+def _check_synth(cfg) -> None:
+    from chatumm_kit.synth.pipeline import check_synth_recipe
+
+    check_synth_recipe(cfg)
+
+
+ensure_trained.check_recipe_arguments = nested_recipe_check(_check_train, defaults={"resume_from": None})
+ensure_synthesised.check_recipe_arguments = nested_recipe_check(_check_synth)
 
 
 def ensure_tokenizer(*, shards: str | list[str], output: str, vocab_size: int = 1024) -> Path:

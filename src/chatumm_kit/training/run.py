@@ -22,14 +22,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, to_yaml
+from chatumm_kit.config import RecipeError, instantiate, to_yaml, validate_recipe
 from chatumm_kit.training.resume import resolve_resume
 
 __all__ = ["TRAIN_KEYS", "TrainingResult", "run_training", "resolve_resume"]
@@ -45,7 +44,14 @@ class TrainingResult:
 
 
 def check_train_recipe(cfg: DictConfig) -> None:
-    """Top-level keys of a training recipe: unknown keys and a missing ``system``/``trainer`` are errors."""
+    """Everything ``chatumm validate`` can know about a training recipe before any ``prepare`` step runs.
+
+    Unknown top-level keys and a missing ``system``/``trainer`` are errors; then every node is checked against the
+    allow-list and its callable's signature (:func:`~chatumm_kit.config.validate_recipe`, nested recipes of
+    ``prepare`` and ``report`` steps included), and the nodes against each other
+    (:func:`~chatumm_kit.training.recipe_checks.train_recipe_problems`: schedule vs ``max_steps``, the model's own
+    rules, the data stream vs the model).
+    """
     problems = [
         f"{k}: unknown top-level key (expected one of {', '.join(sorted(TRAIN_KEYS))})"
         for k in cfg.keys()
@@ -54,34 +60,43 @@ def check_train_recipe(cfg: DictConfig) -> None:
     problems += [f"{k}: missing (a training recipe needs it)" for k in ("system", "trainer") if k not in cfg]
     if problems:
         raise RecipeError(problems)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(plain.get("trainer"), dict) and "_component_" not in plain["trainer"]:
+        plain["trainer"] = {"_component_": "lightning.Trainer", **plain["trainer"]}  # bound like _build_trainer builds
+    validate_recipe(plain)
+    from chatumm_kit.training.recipe_checks import train_recipe_problems
+
+    problems = train_recipe_problems(plain)
+    if problems:
+        raise RecipeError(problems)
 
 
-def _build_trainer(node: Any, output_dir: Path, allowed: Iterable[str]):
+def _build_trainer(node: Any, output_dir: Path):
     import lightning as L
 
     plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     if "_component_" not in plain:
         plain = {"_component_": "lightning.Trainer", **plain}
     plain.setdefault("default_root_dir", str(output_dir))
-    trainer = instantiate(plain, allowed_roots=allowed, path="trainer")
+    trainer = instantiate(plain, path="trainer")
     if not isinstance(trainer, L.Trainer):
         raise RecipeError(f"trainer: built {type(trainer).__name__}, expected a lightning.Trainer")
     return trainer
 
 
-def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLOWED_ROOTS) -> TrainingResult:
-    """Run the ``prepare`` steps, then fit ``system`` on ``data`` with ``trainer``; print where things went."""
+def run_training(cfg: DictConfig) -> TrainingResult:
+    """Check the whole recipe, run the ``prepare`` steps, then fit ``system`` on ``data`` with ``trainer``; print
+    where things went. Only allow-listed callables are built (:func:`~chatumm_kit.config.current_allow_list`)."""
     import lightning as L
 
     check_train_recipe(cfg)
-    allowed = frozenset(allowed_roots)
     L.seed_everything(int(cfg.get("seed", 0)), workers=True)
     output_dir = Path(str(cfg.get("output_dir") or "runs/train"))
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # The trainer (callbacks included) and the checkpoint to resume from come first: a resume that cannot work is
     # one line now, not after minutes of prepare.
-    trainer = _build_trainer(cfg.trainer, output_dir, allowed)
+    trainer = _build_trainer(cfg.trainer, output_dir)
     ckpt_dir = (
         Path(trainer.checkpoint_callback.dirpath)
         if trainer.checkpoint_callback and trainer.checkpoint_callback.dirpath
@@ -90,17 +105,18 @@ def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLO
     ckpt = resolve_resume(cfg.get("resume_from"), ckpt_dir)
 
     for i, step in enumerate(cfg.get("prepare") or []):
-        instantiate(step, allowed_roots=allowed, path=f"prepare[{i}]")
+        instantiate(step, path=f"prepare[{i}]")
 
-    system = instantiate(cfg.system, allowed_roots=allowed, path="system")
+    system = instantiate(cfg.system, path="system")
     if not isinstance(system, L.LightningModule):
         raise RecipeError(f"system: built {type(system).__name__}, expected a lightning.LightningModule")
-    data = instantiate(cfg.data, allowed_roots=allowed, path="data") if cfg.get("data") is not None else None
+    data = instantiate(cfg.data, path="data") if cfg.get("data") is not None else None
     from chatumm_kit.training.callbacks import RecipeInCheckpoint
+    from chatumm_kit.training.redaction import EnvironmentRedaction
 
-    recipe_text = to_yaml(cfg)
+    recipe_text = to_yaml(cfg)  # environment values stay ${oc.env:VAR}
     (output_dir / "recipe.yaml").write_text(recipe_text)  # how this run was made, next to its logs
-    trainer.callbacks.append(RecipeInCheckpoint(recipe=recipe_text))
+    trainer.callbacks.extend([RecipeInCheckpoint(recipe=recipe_text), EnvironmentRedaction()])
 
     trainer.fit(system, datamodule=data, ckpt_path=ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
@@ -117,5 +133,5 @@ def run_training(cfg: DictConfig, *, allowed_roots: Iterable[str] = DEFAULT_ALLO
         print(f"  {k}: {v:.4f}")
     if result.last_checkpoint is not None and trainer.is_global_zero:
         for i, step in enumerate(cfg.get("report") or []):
-            instantiate(step, allowed_roots=allowed, path=f"report[{i}]", checkpoint=str(result.last_checkpoint))
+            instantiate(step, path=f"report[{i}]", checkpoint=str(result.last_checkpoint))
     return result

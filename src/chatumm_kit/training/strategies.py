@@ -51,7 +51,8 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from chatumm_kit.config.imports import resolve_callable
+from chatumm_kit.config.errors import RecipeError
+from chatumm_kit.config.imports import check_allowed, resolve_callable
 
 if TYPE_CHECKING:
     import lightning as L
@@ -339,7 +340,7 @@ def fsdp_gpu(
     """Lightning's ``FSDPStrategy`` (FSDP1) wrapping each instance of ``layer_types`` as one unit (GPU only).
 
     Args:
-        layer_types: classes (or dotted paths under the allowed recipe roots, e.g.
+        layer_types: classes (or dotted paths on the recipe allow-list, e.g.
             ``"chatumm_kit.components.mot.MoTDecoderLayer"``) that become FSDP units and, with
             ``activation_checkpointing``, recompute their activations in backward.
         mixed_precision: ``"bf16"`` → ``MixedPrecision(param_dtype=bf16, reduce_dtype=float32,
@@ -371,3 +372,18 @@ def fsdp_gpu(
         state_dict_type=state_dict_type,
         **kwargs,
     )
+
+
+def _check_layer_types(kwargs: dict[str, Any]) -> list[str]:
+    """``chatumm validate`` hook: each dotted ``layer_types`` entry must be on the recipe allow-list."""
+    problems = []
+    for i, t in enumerate(kwargs.get("layer_types") or []):
+        if isinstance(t, str):
+            try:
+                check_allowed(t, where=f"layer_types[{i}]")
+            except RecipeError as e:
+                problems.extend(e.problems)
+    return problems
+
+
+fsdp_gpu.check_recipe_arguments = _check_layer_types
