@@ -40,6 +40,7 @@ Example (recipe):
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,7 @@ from webdataset.utils import pytorch_worker_info
 from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.image_decode import DEFAULT_MAX_PIXELS
-from chatumm_kit.data.packing import CFGDropRates, Packer
+from chatumm_kit.data.packing import CFGDropRates, Packer, budget_problems, packer_setting_problems
 from chatumm_kit.data.skips import DataHealth
 from chatumm_kit.data.streaming import (
     DataPosition,
@@ -309,6 +310,25 @@ class DialogueDataModule(L.LightningDataModule):
         self._healths: dict[str, dict[int, DataHealth]] = {"train": {}, "val": {}}
         self._restored: dict[str, Any] | None = None
         self.last_epoch_health: dict[str, DataHealth] = {}
+
+    @classmethod
+    def check_recipe_arguments(cls, kwargs: dict[str, Any]) -> list[str]:
+        """``chatumm validate`` hook: the packer and budget settings, checked by the rules the constructors apply
+        (:func:`~chatumm_kit.data.packing.packer_setting_problems`, :func:`~chatumm_kit.data.packing.budget_problems`)
+        before any shard or tokenizer exists."""
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        names = ("vit_patch_size", "vae_token_stride", "max_image_side", "pad_to_multiple", "token_budget")
+        v = {k: kwargs.get(k, defaults.get(k)) for k in (*names, "max_sample_tokens")}
+        if not all(isinstance(v[k], int) and not isinstance(v[k], bool) for k in names):
+            return []  # a wrong type is reported by the signature check
+        if not isinstance(v["max_sample_tokens"], int):
+            v["max_sample_tokens"] = 1  # not given (the budget) or mistyped (reported by the signature check)
+        found = packer_setting_problems(**{k: v[k] for k in names[:4]}) + budget_problems(
+            token_budget=v["token_budget"],
+            max_sample_tokens=v["max_sample_tokens"],
+            pad_to_multiple=v["pad_to_multiple"],
+        )
+        return [f"{key}: {message}" for key, message in found]
 
     # ----------------------------------------------------------------- setup
     @property

@@ -56,6 +56,8 @@ from chatumm_kit.data.stream_layout import DocumentPlan, StreamBuilder, StreamPi
 from chatumm_kit.data.view_sizing import ViewSizes, ViewSizing, resolve_view_sizing
 
 __all__ = [
+    "budget_problems",
+    "packer_setting_problems",
     "CFGDropRates",
     "DocumentPlan",
     "Packer",
@@ -104,6 +106,59 @@ class CFGDropRates:
 def _where(sample: DialogueSample) -> str:
     did = sample.dialogue.id
     return f"sample {sample.key!r} (dialogue {did!r})" if sample.key else f"dialogue {did!r}"
+
+
+def packer_setting_problems(
+    *, vit_patch_size: int, vae_token_stride: int, max_image_side: int, pad_to_multiple: int = 1
+) -> list[tuple[str, str]]:
+    """``(setting, message)`` for the :class:`Packer` settings it would refuse, by the rules it applies
+    (:func:`~chatumm_kit.data.view_sizing.resolve_view_sizing`); ``chatumm validate`` reports them before any data
+    exists (``DialogueDataModule.check_recipe_arguments``).
+
+    Example:
+        >>> packer_setting_problems(vit_patch_size=0, vae_token_stride=8, max_image_side=32)
+        [('vit_patch_size', 'Packer(vit_patch_size=0): must be >= 1')]
+    """
+    problems = []
+    try:
+        resolve_view_sizing(
+            None,
+            vit_patch_size=vit_patch_size,
+            vae_token_stride=vae_token_stride,
+            max_image_side=max_image_side,
+            where="Packer",
+        )
+    except ValueError as e:
+        msg = str(e)
+        key = next((k for k in ("vit_patch_size", "vae_token_stride") if f"({k}=" in msg), "max_image_side")
+        problems.append((key, msg))
+    if int(pad_to_multiple) < 1:
+        problems.append(("pad_to_multiple", f"Packer(pad_to_multiple={pad_to_multiple}): must be >= 1"))
+    return problems
+
+
+def budget_problems(*, token_budget: int, max_sample_tokens: int, pad_to_multiple: int = 1) -> list[tuple[str, str]]:
+    """``(setting, message)`` for a token budget :class:`TokenBudgetBatcher` refuses (same use as
+    :func:`packer_setting_problems`).
+
+    Example:
+        >>> budget_problems(token_budget=-5, max_sample_tokens=-5)[0][1]
+        'TokenBudgetBatcher(token_budget=-5) must be a positive multiple of packer.pad_to_multiple=1'
+    """
+    problems = []
+    if token_budget < 1 or token_budget % max(1, pad_to_multiple):
+        problems.append(
+            (
+                "token_budget",
+                f"TokenBudgetBatcher(token_budget={token_budget}) must be a positive multiple of "
+                f"packer.pad_to_multiple={pad_to_multiple}",
+            )
+        )
+    if max_sample_tokens < 1:
+        problems.append(
+            ("max_sample_tokens", f"TokenBudgetBatcher(max_sample_tokens={max_sample_tokens}) must be >= 1")
+        )
+    return problems
 
 
 class Packer:
@@ -361,13 +416,11 @@ class TokenBudgetBatcher:
     """
 
     def __init__(self, *, packer: Packer, token_budget: int, max_sample_tokens: int, overflow_size: int = 32) -> None:
-        if token_budget < 1 or token_budget % packer.pad_to_multiple:
-            raise ValueError(
-                f"TokenBudgetBatcher(token_budget={token_budget}) must be a positive multiple of "
-                f"packer.pad_to_multiple={packer.pad_to_multiple}"
-            )
-        if max_sample_tokens < 1:
-            raise ValueError(f"TokenBudgetBatcher(max_sample_tokens={max_sample_tokens}) must be >= 1")
+        problems = budget_problems(
+            token_budget=token_budget, max_sample_tokens=max_sample_tokens, pad_to_multiple=packer.pad_to_multiple
+        )
+        if problems:
+            raise ValueError(problems[0][1])
         if overflow_size < 0:
             raise ValueError(f"TokenBudgetBatcher(overflow_size={overflow_size}) must be >= 0")
         self.packer = packer
