@@ -95,7 +95,7 @@ def test_a_training_run_writes_no_environment_value(tmp_path, monkeypatch, train
     assert ckpt["hyper_parameters"]["model"]["tokenizer"] == "${oc.env:CHATUMM_TEST_DATA}/tokenizer"
     assert "${oc.env:CHATUMM_TEST_SECRET}" in ckpt["recipe"]
     # resolved at use: loading the checkpoint on this machine finds the tokenizer where the environment says
-    from chatumm_kit.eval.loading import checkpoint_hyperparameters
+    from chatumm_kit.training.loading import checkpoint_hyperparameters
 
     assert checkpoint_hyperparameters(out / "checkpoints" / "last.ckpt")["model"]["tokenizer"] == str(
         data / "tokenizer"

@@ -31,7 +31,10 @@ def test_validate_and_train_name_the_mistake_before_any_prepare_step(override, t
 def test_constant_warm_up_longer_than_the_run_is_named():
     from chatumm_kit.training.recipe_checks import schedule_problems
 
-    plain = {"system": {"schedule": {"kind": "constant", "warmup_steps": 200}}, "trainer": {"max_steps": 100}}
+    plain = {
+        "system": {"schedule": {"_component_": "chatumm_kit.training.schedules.ConstantSchedule", "warmup_steps": 200}},
+        "trainer": {"max_steps": 100},
+    }
     assert schedule_problems(plain) == [
         "system.schedule.warmup_steps: 200 warm-up steps do not fit in trainer.max_steps=100 (the run would end "
         "before the learning rate peaks); lower warmup_steps or raise max_steps"

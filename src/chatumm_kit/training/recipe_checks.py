@@ -5,14 +5,15 @@ rules the built objects apply, so ``chatumm validate`` and the first second of `
 would have failed minutes later:
 
 * the schedule: its own spec (a cosine's ``total_steps`` above its warm-up) and warm-up that fits ``max_steps``;
-* the model spec: argument types against its preset's signature, then the model built on the meta device (no
-  memory, no files: a tokenizer or VAE file that ``prepare`` has not made yet is left out), so the components' own
-  rules run — sizes >= 1, heads a multiple of KV heads, ...;
+* the model spec (its argument types are the validator's): the model built on the meta device (no memory, no
+  files: a tokenizer or VAE file that ``prepare`` has not made yet is left out), so the components' own rules run —
+  sizes >= 1, heads a multiple of KV heads, ...;
 * the data stream against that model (:func:`stream_problems`): the ViT patch, the VAE token stride, and the largest
   view within the model's position tables (the rule ``ChatUMMSystem`` applies at fit start).
 
 Example:
-    >>> plain = {"system": {"schedule": {"kind": "cosine", "warmup_steps": 50, "total_steps": 50}},
+    >>> cosine = "chatumm_kit.training.schedules.CosineSchedule"
+    >>> plain = {"system": {"schedule": {"_component_": cosine, "warmup_steps": 50, "total_steps": 50}},
     ...          "trainer": {"max_steps": 50}}
     >>> train_recipe_problems(plain)
     ['system.schedule.total_steps: CosineSchedule.total_steps: must exceed warmup_steps=50, got 50']
@@ -26,30 +27,25 @@ from typing import Any
 
 import torch
 
-from chatumm_kit.config import RecipeError, resolve_callable, validate_recipe
+from chatumm_kit.config import RecipeError, resolve_callable
 
 __all__ = ["train_recipe_problems", "schedule_problems", "model_problems", "stream_problems"]
 
-_LEGACY_SCHEDULE_KINDS = ("constant", "cosine")  # the ``kind:`` form ChatUMMSystem.configure_optimizers reads
-_SPEC_FILE_KEYS = ("tokenizer", "vae_weights")
-_DIALOGUE_DATA = "chatumm_kit.data.datamodule.DialogueDataModule"  # files a model spec names that a prepare step may still have to make
+_SPEC_FILE_KEYS = ("tokenizer", "vae_weights")  # files a model spec names that a prepare step may still have to make
+_DIALOGUE_DATA = "chatumm_kit.data.datamodule.DialogueDataModule"
 
 
 def _schedule_class(node: dict[str, Any]):
-    from chatumm_kit.training.schedules import ConstantSchedule, CosineSchedule, ScheduleSpec
+    """``(ScheduleSpec subclass, kwargs)`` of a schedule node, or ``(None, {})`` when it names something else."""
+    from chatumm_kit.training.schedules import ScheduleSpec, schedule_node
 
-    kwargs = dict(node)
-    if "_component_" in kwargs:
-        try:
-            cls = resolve_callable(kwargs.pop("_component_"))
-        except RecipeError:
-            return None, {}  # reported by validate_recipe
-        kwargs.pop("_partial_", None)
-        return (cls, kwargs) if inspect.isclass(cls) and issubclass(cls, ScheduleSpec) else (None, {})
-    kind = kwargs.pop("kind", "constant")
-    if kind not in _LEGACY_SCHEDULE_KINDS:
-        return None, {}  # the system names the unknown kind when it is built
-    return {"constant": ConstantSchedule, "cosine": CosineSchedule}[kind], kwargs
+    try:
+        kwargs = schedule_node(node)
+        cls = resolve_callable(kwargs.pop("_component_"))
+    except (RecipeError, ValueError):
+        return None, {}  # reported by validate_recipe / the system
+    kwargs.pop("_partial_", None)
+    return (cls, kwargs) if inspect.isclass(cls) and issubclass(cls, ScheduleSpec) else (None, {})
 
 
 def schedule_problems(plain: dict[str, Any]) -> list[str]:
@@ -76,18 +72,13 @@ def schedule_problems(plain: dict[str, Any]) -> list[str]:
 
 
 def _model_callable(spec: dict[str, Any]):
-    """``(callable, dotted name, kwargs)`` of a model spec in either form (``_component_`` or ``preset``)."""
-    kwargs = dict(spec)
-    if "_component_" in kwargs:
-        dotted = kwargs.pop("_component_")
-        kwargs.pop("_partial_", None)
-        return resolve_callable(dotted), dotted, kwargs
-    from chatumm_kit.presets import PRESETS
+    """``(callable, dotted name, kwargs)`` of a model spec (an old ``{preset: NAME}`` spec mapped)."""
+    from chatumm_kit.presets import model_spec
 
-    fn = PRESETS.get(kwargs.pop("preset", None))
-    if fn is None:
-        return None, "", {}  # ChatUMMSystem.check_recipe_arguments names the unknown preset
-    return fn, f"{fn.__module__}.{fn.__name__}", kwargs
+    kwargs = model_spec(spec)
+    dotted = kwargs.pop("_component_")
+    kwargs.pop("_partial_", None)
+    return resolve_callable(dotted), dotted, kwargs
 
 
 def model_problems(plain: dict[str, Any]) -> tuple[list[str], Any]:
@@ -96,15 +87,9 @@ def model_problems(plain: dict[str, Any]) -> tuple[list[str], Any]:
     if not isinstance(spec, dict):
         return [], None
     try:
-        fn, dotted, kwargs = _model_callable(spec)
+        fn, _, kwargs = _model_callable(spec)
     except RecipeError:
         return [], None  # reported by validate_recipe
-    if fn is None:
-        return [], None
-    try:  # argument types against the preset's signature (the _component_ form is checked by validate_recipe)
-        validate_recipe({"system": {"model": {"_component_": dotted, **kwargs}}})
-    except RecipeError as e:
-        return list(e.problems), None
     if "path" in kwargs and not Path(str(kwargs["path"])).exists():
         return [], None  # a kit folder that a prepare step or `chatumm convert` makes: nothing to build yet
     params = inspect.signature(fn).parameters
