@@ -14,7 +14,7 @@ import time
 import pytest
 
 from chatumm_kit.cli import main
-from chatumm_kit.config import AllowList, instantiate
+from chatumm_kit.config import AllowList, RecipeError, instantiate, load_recipe
 
 
 class _Touch:
@@ -171,12 +171,29 @@ def test_nested_alias_bomb_fails_fast_in_one_line(tmp_path, capsys):
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text("\n".join(lines) + "\n")
     assert len(recipe.read_bytes()) < 400  # 9^9 ≈ 390 million strings once expanded
+    start = time.perf_counter()
+    with pytest.raises(RecipeError):
+        load_recipe(recipe)
+    assert time.perf_counter() - start < 5.0
     for command in ("validate", "train"):
-        start = time.perf_counter()
         assert main([command, str(recipe)]) == 2
-        assert time.perf_counter() - start < 5.0
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line == f"error: {recipe}: YAML aliases expand to more than 200000 nodes (an alias bomb?)"
+
+
+def test_interpolation_bomb_fails_fast_in_one_line(tmp_path, capsys):
+    lines = ["a0: xxxxxxxx"] + [f"a{i}: ${{a{i - 1}}}${{.a{i - 1}}}" for i in range(1, 24)]
+    recipe = tmp_path / "ibomb.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    assert len(recipe.read_bytes()) < 450  # resolving a23 would take 8 million look-ups and 200 MB
+    start = time.perf_counter()
+    with pytest.raises(RecipeError):
+        load_recipe(recipe)
+    assert time.perf_counter() - start < 5.0
+    for command in ("validate", "train", "print"):
+        assert main([command, str(recipe)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == "error: a16: interpolations expand to more than 1,000,000 characters (an interpolation bomb?)"
 
 
 def test_non_utf8_recipe_is_named_in_one_line(tmp_path, capsys):

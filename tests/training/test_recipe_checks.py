@@ -39,7 +39,7 @@ def test_constant_warm_up_longer_than_the_run_is_named():
         "system.schedule.warmup_steps: 200 warm-up steps do not fit in trainer.max_steps=100 (the run would end "
         "before the learning rate peaks); lower warmup_steps or raise max_steps"
     ]
-    plain["trainer"]["max_steps"] = 201
+    plain["trainer"]["max_steps"] = 200  # the last step (199) is the peak
     assert schedule_problems(plain) == []
 
 

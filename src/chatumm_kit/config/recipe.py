@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ __all__ = [
     "recipes_root",
     "find_recipe",
     "parse_yaml",
+    "check_interpolation_size",
     "MAX_YAML_NODES",
+    "MAX_INTERPOLATED_CHARS",
 ]
 
 # A recipe is a few hundred nodes; aliases may share nodes, but expanded (as OmegaConf copies them) the document must
@@ -128,6 +131,7 @@ def load_recipe(
         raw.setdefault(key, value)
     cfg = OmegaConf.create(raw)
     apply_overrides(cfg, overrides)
+    check_interpolation_size(cfg)
     resolve_recipe(cfg)
     return cfg
 
@@ -227,6 +231,84 @@ def _walk(node: Any, path: str):
     elif isinstance(node, ListConfig):
         for i in range(len(node)):
             yield from _walk(node._get_node(i), f"{path}[{i}]")
+
+
+MAX_INTERPOLATED_CHARS = 1_000_000
+_INTERPOLATION_REF = re.compile(r"(?<![\w.\]])(\.*[A-Za-z_][\w]*(?:\.[A-Za-z_0-9][\w]*|\[\d+\])*)")
+
+
+def _raw(node: Any) -> Any:
+    return node._value() if not isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _node_at(cfg: DictConfig, path: str) -> Any:
+    """The node at ``path`` without resolving anything (``key in cfg`` would resolve interpolations)."""
+    node: Any = cfg
+    for part in re.findall(r"[^.\[\]]+", path):
+        if isinstance(node, DictConfig):
+            keys = {str(k): k for k in node.keys()}
+            if part not in keys:
+                return None
+            node = node._get_node(keys[part])
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node._get_node(int(part))
+        else:
+            return None
+    return node
+
+
+def check_interpolation_size(cfg: DictConfig, limit: int = MAX_INTERPOLATED_CHARS) -> None:
+    """Refuse a recipe whose interpolations would expand past ``limit`` characters, before resolving any.
+
+    OmegaConf resolves ``a2: ${a1}${a1}`` by resolving ``a1`` twice, so 20 such lines in 300 bytes take hours and
+    gigabytes. Here each node's expanded size is estimated once (references inside ``${...}`` to existing nodes,
+    relative ones included, counted at their own expanded size), which is linear in the recipe.
+    """
+    memo: dict[str, int] = {}
+    stack: set[str] = set()
+
+    def size(path: str, node: Any) -> int:
+        if path in memo:
+            return memo[path]
+        if path in stack:
+            return 0  # a cycle: resolve_recipe names it
+        stack.add(path)
+        total = 0
+        if isinstance(node, DictConfig):
+            for k in node.keys():
+                total += size(f"{path}.{k}" if path else str(k), node._get_node(k))
+        elif isinstance(node, ListConfig):
+            for i in range(len(node)):
+                total += size(f"{path}[{i}]", node._get_node(i))
+        else:
+            raw = _raw(node)
+            text = raw if isinstance(raw, str) else str(raw)
+            total = len(text)
+            if isinstance(raw, str) and "${" in raw:
+                parent = path.rsplit(".", 1)[0] if "." in path else ""
+                for inner in re.findall(r"\$\{([^{}]*)", raw):
+                    for ref in _INTERPOLATION_REF.findall(inner):
+                        dots = len(ref) - len(ref.lstrip("."))
+                        base = parent
+                        for _ in range(max(0, dots - 1)):
+                            base = base.rsplit(".", 1)[0] if "." in base else ""
+                        target = (
+                            ref.lstrip(".") if not dots else (f"{base}.{ref.lstrip('.')}" if base else ref.lstrip("."))
+                        )
+                        found = _node_at(cfg, target)
+                        if found is not None:
+                            total += size(target, found)
+                        if total > limit:
+                            break
+        stack.discard(path)
+        memo[path] = total
+        if total > (limit if not isinstance(node, (DictConfig, ListConfig)) else 10 * limit):  # name the leaf first
+            raise RecipeError(
+                f"{path or '<root>'}: interpolations expand to more than {limit:,} characters (an interpolation bomb?)"
+            )
+        return total
+
+    size("", cfg)
 
 
 def resolve_recipe(cfg: DictConfig) -> None:

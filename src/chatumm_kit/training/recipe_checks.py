@@ -4,7 +4,8 @@ Each node alone is checked by :func:`~chatumm_kit.config.validate_recipe`; these
 rules the built objects apply, so ``chatumm validate`` and the first second of ``chatumm train`` fail where the run
 would have failed minutes later:
 
-* the schedule: its own spec (a cosine's ``total_steps`` above its warm-up) and warm-up that fits ``max_steps``;
+* the schedule: its own spec (a cosine's ``total_steps`` above its warm-up) and warm-up that ends within
+  ``max_steps``;
 * the model spec (its argument types are the validator's): the model built on the meta device (no memory, no
   files: a tokenizer or VAE file that ``prepare`` has not made yet is left out), so the components' own rules run —
   sizes >= 1, heads a multiple of KV heads, ...;
@@ -63,7 +64,9 @@ def schedule_problems(plain: dict[str, Any]) -> list[str]:
         field = msg.split(":", 1)[0].rsplit(".", 1)[-1] if ":" in msg else ""
         return [f"system.schedule{'.' + field if field in kwargs else ''}: {msg}"]
     max_steps = (plain.get("trainer") or {}).get("max_steps")
-    if isinstance(max_steps, int) and not isinstance(max_steps, bool) and 0 < max_steps <= spec.warmup_steps:
+    if (
+        isinstance(max_steps, int) and not isinstance(max_steps, bool) and 0 < max_steps < spec.warmup_steps
+    ):  # step W - 1 is the peak
         return [
             f"system.schedule.warmup_steps: {spec.warmup_steps} warm-up steps do not fit in trainer.max_steps="
             f"{max_steps} (the run would end before the learning rate peaks); lower warmup_steps or raise max_steps"
