@@ -85,6 +85,11 @@ _KIT: tuple[str, ...] = (
     ),
     # evaluation and inference settings
     *_names("chatumm_kit.eval", "ModelSource", "ReplySettings", "BenchmarkSettings"),
+    # the evaluation suite: tasks read local benchmark files; the judge asks its backend (same key/env rules)
+    *_names(
+        "chatumm_kit.eval", "Judge", "SuiteSettings", "MMBench", "MME", "POPE", "VQAJsonl", "EditBench", "TextToImage",
+        "DialogueBench", "ShapesChat",
+    ),
     *_names("chatumm_kit.eval.cli", "summarise"),
     *_names("chatumm_kit.inference.sampler", "SamplerConfig"),
     *_names("chatumm_kit.inference", "SamplerConfig", "SessionConfig"),
