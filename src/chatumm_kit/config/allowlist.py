@@ -71,7 +71,10 @@ _KIT: tuple[str, ...] = (
     *_names("chatumm_kit.data.shapes", "WorldConfig", "world_words"),
     *_names("chatumm_kit.data.shapes.images", "ShapesImageDataModule"),
     # training: prepare steps, callbacks, schedules, optimizer specs, strategies
-    *_names("chatumm_kit.training.prepare", "ensure_synthesised", "ensure_trained", "ensure_tokenizer"),
+    *_names(
+        "chatumm_kit.training.prepare", "ensure_synthesised", "ensure_trained", "ensure_tokenizer", "ensure_exported"
+    ),
+    *_names("chatumm_kit.training.adapters", "LoraSpec"),
     *_names("chatumm_kit.training.callbacks", "DataHealthLogger", "GenerationPreview", "ExportAutoencoder"),
     *_names("chatumm_kit.training.ema", "EMACallback"),
     *_names("chatumm_kit.training.schedules", "ConstantSchedule", "CosineSchedule"),
