@@ -68,6 +68,10 @@ _KIT: tuple[str, ...] = (
     # data
     *_names("chatumm_kit.data.datamodule", "DialogueDataModule", "SourceSpec"),
     *_names("chatumm_kit.data.word_noise", "WordNoise"),
+    *_names(
+        "chatumm_kit.data.view_sizing", "ViewSizing", "ViewRule", "ViewSizing.capped", "ViewSizing.bagel",
+        "ViewSizing.shapes",
+    ),
     *_names("chatumm_kit.data.shapes", "WorldConfig", "world_words"),
     *_names("chatumm_kit.data.shapes.images", "ShapesImageDataModule"),
     # training: prepare steps, callbacks, schedules, optimizer specs, strategies
