@@ -91,6 +91,8 @@ def test_bad_targets_and_specs_are_named():
         LoraSpec(attention=["q", "x"])
     with pytest.raises(AdapterError, match="rank"):
         LoraSpec(rank=0)
+    with pytest.raises(AdapterError, match=r"dropout: must be in \[0, 1\), got 'x'"):
+        LoraSpec(dropout="x")
     with pytest.raises(AdapterError, match="matches no module"):
         apply_lora(chatumm_tiny(vocab_size=50, num_layers=1), LoraSpec(extra_targets=[r"backbone\.nope"]))
     with pytest.raises(AdapterError, match="trainable: 'backbone.head' is not a module"):

@@ -135,7 +135,8 @@ class LoraSpec:
         problems = []
         if not isinstance(kwargs.get("rank", 16), int) or kwargs.get("rank", 16) < 1:
             problems.append(f"rank: must be an integer >= 1, got {kwargs.get('rank')!r}")
-        if not 0.0 <= float(kwargs.get("dropout", 0.0)) < 1.0:
+        dropout = kwargs.get("dropout", 0.0)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             problems.append(f"dropout: must be in [0, 1), got {kwargs.get('dropout')!r}")
         if kwargs.get("experts", "both") not in _EXPERT_SUFFIXES:
             problems.append(f"experts: expected one of {', '.join(_EXPERT_SUFFIXES)}, got {kwargs.get('experts')!r}")
