@@ -408,16 +408,14 @@ class ChatUMM(nn.Module):
     def forward_chunk(self, chunk: CacheChunk) -> torch.Tensor:
         """Append ``chunk`` to its cache (committed if ``chunk.commit``); returns its ``[L, D]`` final-normed output.
 
-        Inference only (under ``torch.no_grad()``).
+        Inference only (under ``torch.no_grad()``); the chunk's tensors live on :attr:`device`.
         """
-        dev = self.device
-        is_gen = chunk.is_gen.to(dev)
         return self.backbone(
-            chunk.hidden.to(dev),
-            position_ids=chunk.position_ids.to(dev),
-            und_indices=(~is_gen).nonzero().flatten(),
-            gen_indices=is_gen.nonzero().flatten(),
-            attn_mask=chunk.mask.to(dev),
+            chunk.hidden,
+            position_ids=chunk.position_ids,
+            und_indices=chunk.und_indices,
+            gen_indices=chunk.gen_indices,
+            attn_mask=chunk.mask,
             kv_cache=chunk.cache,
             commit=chunk.commit,
         )
