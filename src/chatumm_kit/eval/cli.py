@@ -174,6 +174,7 @@ def run_eval(cfg: DictConfig):
     report = run_benchmark(models=models, shards=shards, settings=settings, world=world, progress=True)
     js, png = report.write(output_dir, stem=REPORT_STEM)
     print(report.summary_table())
+    print(report.interval_table())
     print(f"eval: {report.data.num_dialogues} dialogues, {report.data.num_turns} turns; report: {js}; chart: {png}")
     return report
 

@@ -51,6 +51,7 @@ from chatumm_kit.data.shapes import (
     parse_caption,
     score,
 )
+from chatumm_kit.eval.intervals import Interval, wilson
 from chatumm_kit.eval.turns import ExpectedTurn, Reply
 
 __all__ = [
@@ -275,7 +276,8 @@ def score_turn(
 # ---------------------------------------------------------------------------------------------------- aggregates
 @dataclass
 class MetricStat:
-    """A running mean: ``total`` of the values and their ``count``."""
+    """A running mean: ``total`` of the values and their ``count``; ``to_dict`` adds the mean's Wilson 95 % interval
+    (``ci95``, issue 18)."""
 
     total: float = 0.0
     count: int = 0
@@ -288,8 +290,19 @@ class MetricStat:
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None
 
+    @property
+    def interval(self) -> Interval | None:
+        """The Wilson 95 % interval of the mean (:func:`~.intervals.wilson`; conservative for partial credit)."""
+        return wilson(min(max(self.total, 0.0), self.count), self.count) if self.count else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "total": self.total, "count": self.count}
+        ci = self.interval
+        return {
+            "mean": self.mean,
+            "total": self.total,
+            "count": self.count,
+            "ci95": None if ci is None else ci.to_list(),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MetricStat:

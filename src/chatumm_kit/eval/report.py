@@ -20,10 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatumm_kit.eval.intervals import RESAMPLES, Interval, dialogue_bootstrap, paired_difference_bootstrap, wilson
 from chatumm_kit.eval.metrics import Breakdown, FreeRun, SuccessRates, TurnAggregate, TurnScore, distance_order
 from chatumm_kit.eval.turns import ExpectedTurn
 
-__all__ = ["DatasetSummary", "FarHistory", "ModelReport", "BenchmarkReport", "PLOT_METRICS", "FAR_DISTANCE"]
+__all__ = [
+    "DatasetSummary",
+    "FarHistory",
+    "far_values",
+    "HEADLINE_METRICS",
+    "ModelReport",
+    "BenchmarkReport",
+    "PLOT_METRICS",
+    "FAR_DISTANCE",
+]
 
 PLOT_METRICS: tuple[tuple[str, str], ...] = (
     ("success", "turn success (teacher-forced history)"),
@@ -36,6 +46,61 @@ PLOT_METRICS: tuple[tuple[str, str], ...] = (
 
 FAR_DISTANCE = 2
 """The headline targets are stated for history-dependent turns at distance >= this many turns back."""
+
+
+HEADLINE_METRICS: tuple[tuple[str, str], ...] = (("vqa", "vqa"), ("image_attr", "attr"), ("intent", "intent"))
+"""(metric, key name) of the headline cells: ``history_<key>_acc_d2plus`` is the mean of ``metric`` at d >= 2."""
+
+
+def far_values(turns: Sequence[TurnScore], metric: str) -> dict[str, list[float]]:
+    """Dialogue id → the ``metric`` values of its turns at distance >= :data:`FAR_DISTANCE` (the headline cells'
+    turns, grouped for :func:`~.intervals.dialogue_bootstrap`)."""
+    out: dict[str, list[float]] = {}
+    for t in turns:
+        if t.distance is None or t.distance < FAR_DISTANCE:
+            continue
+        v = t.values().get(metric)
+        if v is not None:
+            out.setdefault(t.dialogue_id, []).append(v)
+    return out
+
+
+def _ci(interval: Interval | None) -> list[float] | None:
+    return None if interval is None else interval.to_list()
+
+
+def _interval_keys(
+    turns: Sequence[TurnScore], prefix: str, *, seed: int, resamples: int
+) -> dict[str, int | list[float] | None]:
+    """Per headline cell: ``_n`` (turns), ``_wilson95`` (turns as independent) and ``_ci95`` (bootstrap over
+    dialogues, the interval to quote: turns of one dialogue are correlated)."""
+    d = f"d{FAR_DISTANCE}plus"
+    out: dict[str, int | list[float] | None] = {}
+    for metric, key in HEADLINE_METRICS:
+        values = far_values(turns, metric)
+        flat = [v for vs in values.values() for v in vs]
+        name = f"{prefix}history_{key}_acc_{d}"
+        out[f"{name}_n"] = len(flat)
+        out[f"{name}_wilson95"] = _ci(wilson(sum(flat), len(flat))) if flat else None
+        out[f"{name}_ci95"] = _ci(dialogue_bootstrap(values, seed=seed, resamples=resamples))
+    return out
+
+
+def _difference_keys(
+    model: Sequence[TurnScore], baseline: Sequence[TurnScore], *, seed: int, resamples: int
+) -> dict[str, float | list[float] | None]:
+    """Per headline cell: ``_diff`` (model minus baseline over the dialogues both were scored on) and ``_diff_ci95``
+    (paired bootstrap over those dialogues)."""
+    d = f"d{FAR_DISTANCE}plus"
+    out: dict[str, float | list[float] | None] = {}
+    for metric, key in HEADLINE_METRICS:
+        got = paired_difference_bootstrap(
+            far_values(model, metric), far_values(baseline, metric), seed=seed, resamples=resamples
+        )
+        name = f"history_{key}_acc_{d}"
+        out[f"{name}_diff"] = None if got is None else round(got[0], 6)
+        out[f"{name}_diff_ci95"] = None if got is None else got[1].to_list()
+    return out
 
 
 @dataclass(frozen=True)
@@ -201,10 +266,18 @@ class BenchmarkReport:
     data: DatasetSummary
     models: dict[str, ModelReport] = field(default_factory=dict)
     version: int = 1
+    slice: str | None = None
+    """Which held-out wording the dialogues use (``recomposed`` or ``unseen_vocab``, issue 18), when known."""
 
     def headline(self) -> dict[str, Any]:
         """The headline figures: :class:`FarHistory` keys of the first model (the one under test) and, when a
         second model was compared (the baseline, e.g. ``single_turn``), the same keys prefixed ``baseline_``.
+
+        Every cell ``history_<x>_acc_d2plus`` comes with ``_n`` (the turns it rests on), ``_wilson95`` (Wilson 95 %
+        interval, turns taken as independent) and ``_ci95`` (95 % percentile bootstrap resampling whole dialogues,
+        :data:`~.intervals.RESAMPLES` draws seeded by ``settings["seed"]``: the interval to quote). With a baseline,
+        ``_diff`` is model minus baseline and ``_diff_ci95`` its paired bootstrap interval over the same dialogues;
+        ``slice`` names the held-out wording when the report knows it.
 
         Example:
             >>> report.headline()["history_vqa_acc_d2plus"]          # doctest: +SKIP
@@ -213,16 +286,26 @@ class BenchmarkReport:
         names = list(self.models)
         if not names:
             return {}
+        seed = int(self.settings.get("seed", 0) or 0)
+        kw = {"seed": seed, "resamples": RESAMPLES}
+        model = self.models[names[0]]
         out: dict[str, Any] = {"model": names[0]}
-        out.update(FarHistory.of(self.models[names[0]].teacher_forced).keys())
+        if self.slice is not None:
+            out["slice"] = self.slice
+        out.update(FarHistory.of(model.teacher_forced).keys())
+        out.update(_interval_keys(model.turns, "", **kw))
         if len(names) > 1:
+            base = self.models[names[1]]
             out["baseline"] = names[1]
-            out.update(FarHistory.of(self.models[names[1]].teacher_forced).keys("baseline_"))
+            out.update(FarHistory.of(base.teacher_forced).keys("baseline_"))
+            out.update(_interval_keys(base.turns, "baseline_", **kw))
+            out.update(_difference_keys(model.turns, base.turns, **kw))
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            **({"slice": self.slice} if self.slice is not None else {}),
             "settings": self.settings,
             "data": self.data.to_dict(),
             "headline": self.headline(),  # derived from "models"; recomputed on load
@@ -236,6 +319,7 @@ class BenchmarkReport:
             data=DatasetSummary.from_dict(d["data"]),
             models={k: ModelReport.from_dict(v) for k, v in d["models"].items()},
             version=int(d.get("version", 1)),
+            slice=d.get("slice"),
         )
 
     @classmethod
@@ -263,7 +347,8 @@ class BenchmarkReport:
         return sorted(keys, key=distance_order)
 
     def plot(self, path: str | Path) -> None:
-        """Accuracy vs dependency distance for :data:`PLOT_METRICS` (one line per model) and SR@k vs k."""
+        """Accuracy vs dependency distance for :data:`PLOT_METRICS` (one line per model, error bars: the Wilson 95 %
+        interval of each bucket) and SR@k vs k."""
         from matplotlib.figure import Figure  # no pyplot global state, no backend switch
         from matplotlib.ticker import MaxNLocator
 
@@ -271,9 +356,11 @@ class BenchmarkReport:
         fig = Figure(figsize=(14, 8), dpi=80)
         axes = fig.subplots(2, 3).ravel()
         for ax, (metric, title) in zip(axes, PLOT_METRICS):
-            for name, m in self.models.items():
+            for i, (name, m) in enumerate(self.models.items()):
                 ys = [_value(m.teacher_forced.by_distance.get(k), metric) for k in keys]
-                ax.plot(range(len(keys)), ys, marker="o", label=name)
+                lo, hi = _error_bars(m.teacher_forced, keys, metric, ys)
+                xs = [x + 0.06 * (i - (len(self.models) - 1) / 2) for x in range(len(keys))]  # bars side by side
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
             ax.set_xticks(range(len(keys)))
             ax.set_xticklabels(keys)
             ax.set_xlabel("history-dependency distance (turns back)")
@@ -297,6 +384,35 @@ class BenchmarkReport:
         )
         fig.tight_layout()
         fig.savefig(str(path))
+
+    def interval_table(self) -> str:
+        """A plain-text table of the headline cells: mean, turns, Wilson and dialogue-bootstrap 95 % intervals per
+        model, and the model-minus-baseline difference with its paired bootstrap interval."""
+        h = self.headline()
+        d = f"d{FAR_DISTANCE}plus"
+        prefixes = [("", h.get("model"))] + ([("baseline_", h["baseline"])] if "baseline" in h else [])
+        rows = [["cell", "model", "mean", "n", "wilson95", "ci95 (dialogues)"]]
+        for _, key in HEADLINE_METRICS:
+            cell = f"history_{key}_acc_{d}"
+            for prefix, name in prefixes:
+                k = prefix + cell
+                rows.append(
+                    [cell, str(name), _fmt(h.get(k)), str(h.get(f"{k}_n", 0)), _fmt_ci(h.get(f"{k}_wilson95")),
+                     _fmt_ci(h.get(f"{k}_ci95"))]
+                )  # fmt: skip
+            if "baseline" in h:
+                rows.append(
+                    [cell, "difference", _fmt(h.get(f"{cell}_diff")), "", "", _fmt_ci(h.get(f"{cell}_diff_ci95"))]
+                )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        title = f"headline cells (slice: {self.slice})" if self.slice else "headline cells"
+        return (
+            title
+            + "\n"
+            + "\n".join(
+                "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+            )
+        )
 
     def summary_table(self, *, max_k: int = 5) -> str:
         """A plain-text table: overall metrics, success by distance and SR@k, one row per model."""
@@ -322,6 +438,22 @@ class BenchmarkReport:
         return "\n".join(
             "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
         )
+
+
+def _fmt_ci(ci: Sequence[float] | None) -> str:
+    return "-" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _error_bars(agg: TurnAggregate, keys: Sequence[str], metric: str, ys: Sequence[float]) -> tuple[list, list]:
+    """Lower and upper error-bar lengths (Wilson 95 %) of ``metric`` per distance bucket (0 where no turn)."""
+    lo, hi = [], []
+    for k, y in zip(keys, ys):
+        b = agg.by_distance.get(k)
+        stat = None if b is None else b.stats.get(metric)
+        ci = None if stat is None else stat.interval
+        lo.append(0.0 if ci is None or math.isnan(y) else y - ci.low)
+        hi.append(0.0 if ci is None or math.isnan(y) else ci.high - y)
+    return lo, hi
 
 
 def _value(breakdown, metric: str) -> float:
