@@ -14,6 +14,9 @@ Such a recipe (``recipes/shapes/eval.yaml``) has these top-level keys:
 
 * ``heldout`` — a :class:`~chatumm_kit.synth.SynthPipeline` node (run, or resumed, or found finished: its
   ``output_dir/index.json`` is the held-out set), or a plain path to existing shards;
+* ``heldout_unseen_vocab`` — optional second held-out set like ``heldout`` (issue 18: the unseen-vocabulary
+  slice), evaluated the same way and written apart as ``eval_report_unseen_vocab.json`` / ``.png``; each report's
+  ``slice`` is its pipeline's phrasing split (``recomposed``, ``unseen_vocab``);
 * ``models`` — name → :class:`~chatumm_kit.eval.ModelSource` node (or a checkpoint path), compared in order;
 * ``benchmark`` — optional :class:`~chatumm_kit.eval.BenchmarkSettings` node;
 * ``world`` — optional :class:`~chatumm_kit.data.shapes.WorldConfig` node (the default world otherwise);
@@ -33,7 +36,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from chatumm_kit.config import RecipeError, instantiate, load_recipe, validate_recipe
 
@@ -140,7 +143,6 @@ def run_eval(cfg: DictConfig):
     (or, for a suite recipe, the :class:`~chatumm_kit.eval.suite.SuiteReport`)."""
     from chatumm_kit.data.shapes import WorldConfig
     from chatumm_kit.eval.benchmark import BenchmarkSettings, run_benchmark
-    from chatumm_kit.synth.pipeline import SynthPipeline
 
     if "tasks" in cfg:
         return run_suite_recipe(cfg)
@@ -162,21 +164,49 @@ def run_eval(cfg: DictConfig):
                 f"benchmark: built {type(settings).__name__}, expected chatumm_kit.eval.BenchmarkSettings"
             )
 
-    heldout = instantiate(cfg.heldout, path="heldout")
+    sets = {"heldout": REPORT_STEM}
+    if cfg.get(UNSEEN_VOCAB_KEY) is not None:
+        sets[UNSEEN_VOCAB_KEY] = f"{REPORT_STEM}_unseen_vocab"
+    reports = []
+    for key, stem in sets.items():
+        shards, slice_name = _held_out_shards(cfg, key)
+        report = run_benchmark(models=models, shards=shards, settings=settings, world=world, progress=True)
+        report.slice = slice_name
+        js, png = report.write(output_dir, stem=stem)
+        print(report.summary_table())
+        print(report.interval_table())
+        print(f"eval: {report.data.num_dialogues} dialogues, {report.data.num_turns} turns; report: {js}; chart: {png}")
+        reports.append(report)
+    return reports[0]
+
+
+def _synthesise_only_what_is_read(cfg: DictConfig) -> None:
+    """A summary reading ``benchmark.max_dialogues`` of a larger held-out set (``vars.num_dialogues``, 1 500 in
+    ``shapes/eval``) synthesises only those, into their own ``vars.data_dir`` (``<data_dir>_first<n>``)."""
+    n = cfg.get("benchmark", {}).get("max_dialogues")
+    v = cfg.get("vars", {})
+    if n and "num_dialogues" in v and "data_dir" in v and int(n) < int(v.num_dialogues):
+        cfg.vars.data_dir = f"{v.data_dir}_first{int(n)}"
+        cfg.vars.num_dialogues = int(n)
+
+
+UNSEEN_VOCAB_KEY = "heldout_unseen_vocab"
+"""Optional recipe key: a second held-out set (the unseen-vocabulary slice), reported apart in
+``eval_report_unseen_vocab.json``."""
+
+
+def _held_out_shards(cfg: DictConfig, key: str) -> tuple[str, str | None]:
+    """Build (run or resume) the held-out set at ``cfg[key]``; its shard index and its phrasing split (the slice)."""
+    from chatumm_kit.synth.pipeline import SynthPipeline
+
+    heldout = instantiate(cfg[key], path=key)
     if isinstance(heldout, SynthPipeline):
         heldout.run()  # resumes an interrupted run; a finished one is left as it is
-        shards = str(heldout.output_dir / "index.json")
-    elif isinstance(heldout, str):
-        shards = heldout
-    else:
-        raise RecipeError(f"heldout: built {type(heldout).__name__}, expected a SynthPipeline or a shard path")
-
-    report = run_benchmark(models=models, shards=shards, settings=settings, world=world, progress=True)
-    js, png = report.write(output_dir, stem=REPORT_STEM)
-    print(report.summary_table())
-    print(report.interval_table())
-    print(f"eval: {report.data.num_dialogues} dialogues, {report.data.num_turns} turns; report: {js}; chart: {png}")
-    return report
+        phrasing = getattr(getattr(heldout, "pool", None), "phrasing", None)
+        return str(heldout.output_dir / "index.json"), getattr(phrasing, "split", None)
+    if isinstance(heldout, str):
+        return heldout, None
+    raise RecipeError(f"{key}: built {type(heldout).__name__}, expected a SynthPipeline or a shard path")
 
 
 def summarise(*, checkpoint: str, recipe: str = "shapes/eval", name: str = "model", overrides: list[str] | None = None):
@@ -185,6 +215,9 @@ def summarise(*, checkpoint: str, recipe: str = "shapes/eval", name: str = "mode
     cfg = load_recipe(recipe, overrides or [])
     cfg.models = {name: checkpoint}
     cfg.prepare = []
+    with open_dict(cfg):
+        cfg.pop(UNSEEN_VOCAB_KEY, None)  # the training run's summary: the headline slice only
+        _synthesise_only_what_is_read(cfg)
     return run_eval(cfg)  # checks the recipe first
 
 

@@ -3,8 +3,19 @@
 Every template family (the world's own — drawing requests, edit and question sentences, scene references — plus the
 synthesis ones: context wrappers, long-range rewrites, distractors) is partitioned once, by ``seed``, into a
 training part and a held-out part (``heldout_fraction`` of each family with at least two templates). Training
-recipes use ``split="train"``; the evaluation benchmark uses ``split="heldout"`` to test on sentences the model has
-never seen. ``split="all"`` uses both.
+recipes use ``split="train"``; ``split="heldout"`` tests on sentences the model has never seen. ``split="all"`` uses
+both.
+
+The held-out wording comes in two slices (issue 18), which the benchmark reports apart:
+
+* ``split="recomposed"`` — new sentences built **only from words the training templates use**
+  (:func:`training_vocabulary`): the held-out templates whose words all occur in training, plus
+  :data:`RECOMPOSED` (new templates, word orders and combinations written from training words). This tests context
+  tracking and generalisation over wording, which a model trained from scratch can be expected to do; the
+  benchmark's headline keys are measured on it.
+* ``split="unseen_vocab"`` — the held-out templates containing a word no training template contains ("Delete",
+  "Reshape"); families without such a template keep their held-out templates. This tests a language prior that
+  only a pretrained backbone would bring.
 
 Example:
     >>> import random
@@ -18,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -25,7 +37,20 @@ from chatumm_kit.data.shapes import VQA, Edit, EditOp, QuestionKind, WorldConfig
 from chatumm_kit.data.shapes import phrasing as world
 from chatumm_kit.data.shapes.language import distinguishing_query, position_name
 
-__all__ = ["ShapesPhrasing", "FAMILIES", "DISTRACTORS", "lower_first"]
+__all__ = [
+    "ShapesPhrasing",
+    "FAMILIES",
+    "DISTRACTORS",
+    "RECOMPOSED",
+    "RECOMPOSED_DISTRACTORS",
+    "SPLITS",
+    "lower_first",
+    "template_words",
+    "training_vocabulary",
+]
+
+SPLITS = ("train", "heldout", "recomposed", "unseen_vocab", "all")
+"""The phrasing splits (module docstring)."""
 
 # Distractor questions with their exact answers, computed from two numbers a > b and a word.
 DISTRACTORS: dict[str, Callable[[int, int, str], str]] = {
@@ -108,6 +133,75 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "distractor": tuple(DISTRACTORS),
 }
 
+# New distractor questions for the recomposed slice (training words only), with their answers.
+RECOMPOSED_DISTRACTORS: dict[str, Callable[[int, int, str], str]] = {
+    "What is {b} times {a}?": lambda a, b, w: str(a * b),
+    "What number comes after {b}?": lambda a, b, w: str(b + 1),
+    "Which number is larger, {a} or {b}?": lambda a, b, w: str(a),
+    "What is the first letter of '{w}'?": lambda a, b, w: w[0],
+    "Spell '{w}' backwards.": lambda a, b, w: w[::-1],
+}
+_DISTRACTOR_ANSWERS = {**DISTRACTORS, **RECOMPOSED_DISTRACTORS}
+
+RECOMPOSED: dict[str, tuple[str, ...]] = {
+    "t2i": (
+        "Please draw {desc}.",
+        "Could you make an image of {desc}?",
+        "Show me a picture with {desc}.",
+        "Generate a picture of {desc}.",
+    ),
+    "caption": ("Describe this image.", "Write a caption for this image.", "Can you describe this picture?"),
+    "caption.previous": (
+        "Describe the image you just made.",
+        "Write a caption for your last picture.",
+        "What is in that image?",
+    ),
+    "edit.recolour": (
+        "Paint {obj} {colour} instead.",
+        "Change {obj} to {colour}.",
+        "Make the colour of {obj} {colour}.",
+    ),
+    "edit.move": ("Move {obj} over to the {pos}.", "Put {obj} in the {pos} instead."),
+    "edit.resize": ("Change {obj} to be {size}.", "Make the size of {obj} {size}.", "Resize {obj} to {size}."),
+    "edit.reshape": (
+        "Change {obj} to {a_shape} instead.",
+        "Turn {obj} into {a_shape} of the same colour and size.",
+        "Replace {obj} with {a_shape}.",
+    ),
+    "edit.add": ("Draw {new} in the {pos}.", "Can you put {new} in the {pos}?", "Also add {new} to the {pos}."),
+    "edit.remove": ("Take {obj} out of the picture.", "Erase {obj}.", "Can you remove {obj}?"),
+    "refer": ("the drawing that had {np}", "the image that had {np}", "the picture from earlier with {np}"),
+    "ctx.edit.previous": ("Great, {lc}", "Now, {lc}", "Then, {lc}"),
+    "ctx.ask.previous": ("About that picture, {lc}", "In your last image, {lc}"),
+    "dep.edit": ("Go back to {ref} from before and {lc}", "Take {ref} and {lc}"),
+    "dep.understand": ("Looking at {ref} from earlier, {lc}", "About {ref}: {lc}"),
+    "dep.caption": (
+        "Describe {ref} from earlier.",
+        "Can you write a caption for {ref}?",
+        "What was in {ref} from before?",
+    ),
+    "distractor": tuple(RECOMPOSED_DISTRACTORS),
+}
+"""New templates for the ``recomposed`` split, written only from words of the training templates (a test checks
+every one against :func:`training_vocabulary` at the recipes' seed 0; at another seed, templates using a word that
+seed's training part lacks are dropped)."""
+
+
+def template_words(template: str) -> set[str]:
+    """The lower-case words of a template, placeholders (``{obj}``) left out.
+
+    Example:
+        >>> sorted(template_words("Delete {obj}."))
+        ['delete']
+    """
+    return set(re.findall(r"[a-z']+", re.sub(r"\{[^}]*\}", " ", template).lower()))
+
+
+def training_vocabulary(*, seed: int = 0, heldout_fraction: float = 0.25) -> frozenset[str]:
+    """Every word of the training templates of every family at this partition (what ``split="train"`` says)."""
+    train = ShapesPhrasing(split="train", seed=seed, heldout_fraction=heldout_fraction)
+    return frozenset(w for f in FAMILIES for t in train.templates(f) for w in template_words(t))
+
 
 def lower_first(text: str) -> str:
     """Lower-case the first letter unless it starts the pronoun 'I' ('I'd like' stays)."""
@@ -120,22 +214,28 @@ class ShapesPhrasing:
     """Template families split into train / held-out phrasings.
 
     Args:
-        split: ``"train"``, ``"heldout"`` or ``"all"``.
+        split: one of :data:`SPLITS` (``"recomposed"`` and ``"unseen_vocab"``: the held-out slices, module
+            docstring).
         seed: fixes the partition (the training and evaluation recipes must use the same one).
         heldout_fraction: share of each family held out (rounded, at least one template when a family has two+).
     """
 
     def __init__(
-        self, *, split: Literal["train", "heldout", "all"] = "train", seed: int = 0, heldout_fraction: float = 0.25
+        self,
+        *,
+        split: Literal["train", "heldout", "recomposed", "unseen_vocab", "all"] = "train",
+        seed: int = 0,
+        heldout_fraction: float = 0.25,
     ) -> None:
-        if split not in ("train", "heldout", "all"):
-            raise ValueError(f"ShapesPhrasing.split must be 'train', 'heldout' or 'all', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"ShapesPhrasing.split must be one of {', '.join(SPLITS)}, got {split!r}")
         if not 0.0 < heldout_fraction < 1.0:
             raise ValueError(f"ShapesPhrasing.heldout_fraction must be in (0, 1), got {heldout_fraction}")
         self.split = split
         self.seed = seed
         self.heldout_fraction = heldout_fraction
         self._parts = {name: self._partition(name, t) for name, t in FAMILIES.items()}
+        self._slices = self._held_out_slices() if split in ("recomposed", "unseen_vocab") else {}
 
     def _partition(self, name: str, templates: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         n = len(templates)
@@ -148,10 +248,32 @@ class ShapesPhrasing:
         train = tuple(t for i, t in enumerate(templates) if i not in held)
         return train, tuple(t for i, t in enumerate(templates) if i in held)
 
+    def _held_out_slices(self) -> dict[str, tuple[str, ...]]:
+        """Family → templates of this split's held-out slice (module docstring)."""
+        vocab = set().union(*(template_words(t) for train, _ in self._parts.values() for t in train))
+        out = {}
+        for name, (train, held) in self._parts.items():
+            known = tuple(
+                t for t in (*held, *RECOMPOSED.get(name, ())) if template_words(t) <= vocab and t not in train
+            )
+            unseen = tuple(t for t in held if not template_words(t) <= vocab)
+            if self.split == "recomposed":
+                if not known:
+                    raise ValueError(
+                        f"ShapesPhrasing(split='recomposed', seed={self.seed}): family {name!r} has no held-out "
+                        "template built from training words; add one to RECOMPOSED"
+                    )
+                out[name] = known
+            else:
+                out[name] = unseen or held
+        return out
+
     def templates(self, family: str) -> tuple[str, ...]:
         if family not in self._parts:
             raise KeyError(f"ShapesPhrasing: unknown template family {family!r}; known: {sorted(self._parts)}")
         train, held = self._parts[family]
+        if self._slices:
+            return self._slices[family]
         return train if self.split == "train" else held if self.split == "heldout" else FAMILIES[family]
 
     def pick(self, rng: random.Random, family: str) -> str:
@@ -204,4 +326,4 @@ class ShapesPhrasing:
         b = rng.randint(2, 9)
         a = rng.randint(b + 1, 19)
         w = rng.choice(DISTRACTOR_WORDS)
-        return t.format(a=a, b=b, w=w), DISTRACTORS[t](a, b, w)
+        return t.format(a=a, b=b, w=w), _DISTRACTOR_ANSWERS[t](a, b, w)
