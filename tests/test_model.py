@@ -168,7 +168,7 @@ def test_system_freeze_switches_decide_which_parts_get_gradients(tokenizer, batc
     from chatumm_kit.systems.unified import ChatUMMSystem
 
     spec = {"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": tokenizer.vocab_size}
-    frozen = ChatUMMSystem(model=spec, freeze={"vit": True, "understanding": True})
+    frozen = ChatUMMSystem(model=spec, freeze={"vit": True, "understanding": True, "embeddings": True})
     frozen.configure_model()
     out = frozen.model(batch)
     (out.ce_loss + out.mse_loss).backward()
@@ -176,6 +176,16 @@ def test_system_freeze_switches_decide_which_parts_get_gradients(tokenizer, batc
     assert m.vit.patch_embedding.weight.grad is None and m.backbone.embed_tokens.weight.grad is None
     assert m.backbone.layers[0].mlp.up_proj.weight.grad is None
     assert m.backbone.layers[0].mlp_moe_gen.up_proj.weight.grad is not None
+    assert m.backbone.lm_head.weight.grad is None and m.backbone.norm.weight.grad is None
+
+    # The understanding expert alone: the shared embed_tokens/lm_head keep the CE loss a trainable path.
+    und_only = ChatUMMSystem(model=spec, freeze={"understanding": True})
+    und_only.configure_model()
+    out = und_only.model(batch)
+    out.ce_loss.backward()
+    b = und_only.model.backbone
+    assert b.layers[0].mlp.up_proj.weight.grad is None and b.norm.weight.grad is None
+    assert b.embed_tokens.weight.grad.abs().sum() > 0 and b.lm_head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.vae.autoencoder.parameters())  # the VAE is frozen by default
 
     unfrozen = ChatUMMSystem(model=spec, freeze={"vae": False})

@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from _tiny_bagel import (
     FREQ_DIM,
     HEAD_DIM,
@@ -23,8 +25,6 @@ from _tiny_bagel import (
     tiny_flux_autoencoder,
     write_bagel_folder,
 )
-from safetensors.torch import load_file
-
 from chatumm_kit.components.vae import VAELatentHead
 from chatumm_kit.convert.bagel import (
     BagelConversionError,

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from _tiny_bagel import HIDDEN, LLM_CONFIG, make_tiny_bagel, write_bagel_folder
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from _tiny_bagel import HIDDEN, LLM_CONFIG, make_tiny_bagel, write_bagel_folder
 from chatumm_kit.components.mot import MoTBackbone
 from chatumm_kit.components.vit import ViTEncoder
 from chatumm_kit.convert.bagel import load_bagel, load_kit_folder

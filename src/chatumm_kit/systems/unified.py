@@ -30,18 +30,30 @@ from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.training.losses import objective
 
-__all__ = ["FreezeSpec", "ChatUMMSystem"]
+__all__ = ["FreezeSpec", "ChatUMMSystem", "MASTER_DTYPES"]
+
+MASTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 _SPEC_PATH_KEYS = frozenset({"tokenizer", "vae_weights", "path"})
 
 
 @dataclass(frozen=True)
 class FreezeSpec:
-    """Which parts get no gradient: the ViT encoder, the VAE autoencoder (frozen by default), the understanding expert."""
+    """Which parts get no gradient.
+
+    Attributes:
+        vit: the ViT encoder (and its connector).
+        vae: the VAE autoencoder (frozen by default; the latent head's connectors stay trainable).
+        understanding: the understanding expert's layer weights and final norm (SPEC §4 "freeze understanding").
+        embeddings: ``embed_tokens`` and ``lm_head``, shared by both experts. Keep them trainable when the
+            understanding expert is frozen: they are then the only trainable path of the CE loss on text replies
+            and intent tokens (SPEC §2), which is what makes a model conversational.
+    """
 
     vit: bool = False
     vae: bool = True
     understanding: bool = False
+    embeddings: bool = False
 
 
 class ChatUMMSystem(L.LightningModule):
@@ -60,6 +72,9 @@ class ChatUMMSystem(L.LightningModule):
         adapter: a ``_component_`` node building a :class:`~chatumm_kit.training.adapters.LoraSpec`: LoRA adapters
             are injected after ``init_from`` and everything but them (and the spec's ``trainable``) is frozen.
         init_from: a safetensors file (kit layout) to initialise the model from before training.
+        master_dtype: dtype every floating-point weight is cast to after building (``float32``: fp32 master
+            weights and optimizer state whatever the checkpoint's dtype; ``null``: keep the built dtypes). Mixed
+            precision (bf16 compute) comes from ``trainer.precision: bf16-mixed`` or FSDP2's ``mixed_precision``.
         mask_image_every_n_steps: log a picture of one batch's attention mask every N steps (0: never).
         seed: seed of the flow-matching noise; each step's draw depends only on (seed, step, rank).
     """
@@ -79,6 +94,7 @@ class ChatUMMSystem(L.LightningModule):
         freeze: dict[str, bool] | None = None,
         adapter: dict[str, Any] | None = None,
         init_from: str | None = None,
+        master_dtype: str | None = "float32",
         mask_image_every_n_steps: int = 0,
         seed: int = 0,
     ) -> None:
@@ -95,6 +111,8 @@ class ChatUMMSystem(L.LightningModule):
         }
         init_from = str(Path(init_from).resolve()) if init_from else None
         self.freeze = FreezeSpec(**(freeze or {}))
+        if master_dtype is not None and master_dtype not in MASTER_DTYPES:
+            raise ValueError(f"master_dtype: {master_dtype!r} is not one of {', '.join(MASTER_DTYPES)} (or None)")
         self.save_hyperparameters()
         self.model: ChatUMM | None = None
         self._last_step_time: float | None = None
@@ -112,7 +130,11 @@ class ChatUMMSystem(L.LightningModule):
                 + ("the preset: form is read only from old checkpoints" if "preset" in model else "none given")
             )
         unknown = set(kwargs.get("freeze") or {}) - set(FreezeSpec.__dataclass_fields__)
-        problems += [f"freeze.{k}: unknown part (known: vit, vae, understanding)" for k in sorted(unknown)]
+        known = ", ".join(FreezeSpec.__dataclass_fields__)
+        problems += [f"freeze.{k}: unknown part (known: {known})" for k in sorted(unknown)]
+        dtype = kwargs.get("master_dtype")
+        if dtype is not None and dtype not in MASTER_DTYPES:
+            problems.append(f"master_dtype: {dtype!r} is not one of {', '.join(MASTER_DTYPES)} (or null: keep)")
         return problems
 
     # ------------------------------------------------------------------ building
@@ -127,6 +149,10 @@ class ChatUMMSystem(L.LightningModule):
         model = build_model(self.hparams.model)
         if self.hparams.init_from:
             load_safetensors_into(model, self.hparams.init_from)
+        if self.hparams.master_dtype is not None:
+            # The weights the optimizer updates, whatever dtype the release was stored in (BAGEL's ema.safetensors
+            # is bf16): compute precision is the trainer's autocast or FSDP2's MixedPrecisionPolicy, not this.
+            model.to(MASTER_DTYPES[self.hparams.master_dtype])
         self._apply_freeze(model)
         if self.hparams.get("adapter"):
             from chatumm_kit.training.adapters import apply_lora
@@ -144,8 +170,11 @@ class ChatUMMSystem(L.LightningModule):
         model.vae.freeze_autoencoder = self.freeze.vae
         model.vae.autoencoder.requires_grad_(not self.freeze.vae)
         if self.freeze.understanding:
-            for module in model.backbone.understanding_modules(include_shared=True):
+            for module in model.backbone.understanding_modules(include_shared=False):
                 module.requires_grad_(False)
+        if self.freeze.embeddings:
+            model.backbone.embed_tokens.requires_grad_(False)
+            model.backbone.lm_head.requires_grad_(False)
 
     def configure_optimizers(self):
         from chatumm_kit.config import instantiate
@@ -213,13 +242,12 @@ class ChatUMMSystem(L.LightningModule):
         self.log("val/loss", self.hparams.ce_weight * ce + self.hparams.mse_weight * mse, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        from torch.distributed.tensor import DTensor
+        from chatumm_kit.training.grad_norm import global_grad_norm
 
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:  # torch's total norm handles FSDP2's DTensor gradients (Lightning's grad_norm does not)
-            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-            total = total.full_tensor() if isinstance(total, DTensor) else total
-            self.log("train/grad_norm", total, on_step=True, batch_size=1)
+        # Before clipping; works on FSDP2's sharded DTensor gradients (a collective: every rank calls it).
+        norm = global_grad_norm(self.model.parameters())
+        if norm is not None:
+            self.log("train/grad_norm", norm.float().cpu(), on_step=True, batch_size=1)
 
     def _log_mask_image(self, batch: PackedBatch) -> None:
         experiment = getattr(self.logger, "experiment", None)

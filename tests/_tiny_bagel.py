@@ -180,9 +180,11 @@ def write_bagel_folder(
     return folder
 
 
-def make_tiny_bagel(folder: Path) -> TinyBagel:
-    tokenizer = ChatTokenizer.train(TEXTS * 5, vocab_size=300)
-    tensors = bagel_tensors()
+def make_tiny_bagel(folder: Path, *, dtype: torch.dtype = torch.float32, texts: list[str] | None = None) -> TinyBagel:
+    """A release folder with ``ema.safetensors`` stored in ``dtype`` (BAGEL's own is bf16) and a tokenizer trained
+    on ``texts`` (default: a few ShapesChat-like phrases)."""
+    tokenizer = ChatTokenizer.train((texts or TEXTS * 5), vocab_size=300)
+    tensors = {k: v.to(dtype) for k, v in bagel_tensors().items()}
     ae = tiny_flux_autoencoder()
     write_bagel_folder(folder, tensors, autoencoder=ae, tokenizer=tokenizer)
     return TinyBagel(folder=folder, tensors=tensors, autoencoder=ae, tokenizer=tokenizer)
