@@ -3,7 +3,8 @@
 Sizes differ from BAGEL-7B everywhere, and ``head_dim`` (6) is not ``hidden / heads`` (8) and is absent from
 ``llm_config.json``, so a loader that assumed 7B constants or derived sizes wrongly cannot load it. The JSON is
 misleading on purpose where SPEC §5 says loaders must force settings: ``tie_word_embeddings: true``, no ``qk_norm``,
-and SigLIP depth 3 (the file holds 2 layers: depth − 1).
+and SigLIP depth 3 (the file holds 2 layers: depth − 1). The ViT and latent grids are 8 per side, so the model
+takes 32×32 images (ShapesChat's size): training recipes, chat and the ShapesChat benchmark run on it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.convert.flux_vae import save_flux_vae
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 32, 2, 4, 2, 6, 48, 320
-VIT_HIDDEN, VIT_CONFIG_LAYERS, VIT_HEADS, VIT_MLP, PATCH, VIT_SIDE = 16, 3, 2, 24, 4, 4
-LATENT_CHANNELS, LATENT_PATCH, LATENT_SIDE, FREQ_DIM = 4, 2, 4, 16
+VIT_HIDDEN, VIT_CONFIG_LAYERS, VIT_HEADS, VIT_MLP, PATCH, VIT_SIDE = 16, 3, 2, 24, 4, 8
+LATENT_CHANNELS, LATENT_PATCH, LATENT_SIDE, FREQ_DIM = 4, 2, 8, 16
 VIT_LAYERS = VIT_CONFIG_LAYERS - 1  # SPEC §5: BAGEL uses the penultimate layer
 TEXTS = ["draw a red circle", "what colour is it", "it is red", "make it blue", "a blue square"]
 

@@ -297,6 +297,10 @@ COMMANDS: dict[str, Command] = {
         "LoRA adapters: chatumm adapter export CHECKPOINT OUT | merge BASE_KIT ADAPTER OUT [--to bagel|kit]",
         "chatumm_kit.training.adapter_cli",
     ),
+    "plan": _delegated(
+        "memory plan of a training recipe on the meta device: chatumm plan RECIPE [key=value ...]",
+        "chatumm_kit.training.plan_cli",
+    ),
     "eval": _delegated("run the multi-turn context-tracking benchmark: chatumm eval ...", "chatumm_kit.eval.cli"),
 }
 

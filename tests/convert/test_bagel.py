@@ -323,12 +323,13 @@ def test_absent_ae_with_supplied_autoencoder_or_head(tiny, loaded, tmp_path):
 
 def test_stored_position_table_that_differs_warns_and_is_kept(tiny, tmp_path):
     def shift_rows(t):  # a row-major/column-major swap: a plausible convention mismatch
-        t["vit_pos_embed.pos_embed"] = t["vit_pos_embed.pos_embed"].reshape(4, 4, -1).transpose(0, 1).reshape(16, -1)
+        s = VIT_SIDE
+        t["vit_pos_embed.pos_embed"] = t["vit_pos_embed.pos_embed"].reshape(s, s, -1).transpose(0, 1).reshape(s * s, -1)
 
     folder = _variant(tiny, tmp_path, shift_rows)
     with pytest.warns(BagelConversionWarning, match=r"vit_pos_embed\.pos_embed is not the 2-D sin-cos table"):
         model = load_bagel(folder, attn_backend="sdpa").model
-    assert torch.equal(model.vit.vit_pos_embed.pos_embed[1], tiny.tensors["vit_pos_embed.pos_embed"][4])
+    assert torch.equal(model.vit.vit_pos_embed.pos_embed[1], tiny.tensors["vit_pos_embed.pos_embed"][VIT_SIDE])
 
 
 def test_missing_files_are_named(tiny, tmp_path):

@@ -53,7 +53,7 @@ def cpu_overrides(setup: SimpleNamespace, out: Path) -> list[str]:
         "trainer.callbacks.1.decay=0.5",
         "system.model.attn_backend=sdpa",
         "data.num_workers=0",
-        "data.max_image_side=16",
+        "data.max_image_side=32",
         "data.vit_patch_size=4",  # the tiny release's ViT patch
         "data.vae_token_stride=4",  # its 2x VAE x latent patch 2
         "data.token_budget=1024",
@@ -144,8 +144,8 @@ def test_fsdp2_and_ddp_on_two_processes_log_the_same_losses_and_grad_norms(runs)
         _close(fsdp[tag], ddp[tag], rel=1e-4)
     assert all(v > 0 for v in fsdp["train/grad_norm"].values())
     # FSDP2 wrote sharded checkpoint folders, DDP single files; both hold EMA weights
-    from chatumm_kit.eval.loading import checkpoint_has_ema
     from chatumm_kit.training.checkpoints import is_sharded_checkpoint
+    from chatumm_kit.training.loading import checkpoint_has_ema
 
     assert is_sharded_checkpoint(runs["fsdp_2"] / "checkpoints" / "last.ckpt")
     assert (runs["fsdp_as_ddp_2"] / "checkpoints" / "last.ckpt").is_file()
@@ -232,3 +232,47 @@ def test_freeze_recipe_still_learns_text_replies_and_intents(setup):
     old = instantiate(cfg.system)
     old.configure_model()
     assert not old.model(batch).ce_loss.requires_grad
+
+
+def _one_batch(tokenizer):
+    from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn
+    from chatumm_kit.data.packing import Packer
+
+    g = torch.Generator().manual_seed(0)
+    dialogue = Dialogue(
+        id="d0",
+        turns=[
+            Turn(role=Role.USER, segments=[TextSegment(text="make it blue"), ImageSegment(image="a")]),
+            Turn(role=Role.ASSISTANT, segments=[TextSegment(text="a blue square"), ImageSegment(image="b")]),
+        ],
+    )
+    images = {k: torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g) for k in "ab"}
+    packer = Packer(tokenizer=tokenizer, vit_patch_size=4, vae_token_stride=4, max_image_side=16)
+    return packer.pack([DialogueSample(dialogue=dialogue, images=images, key="d0")])
+
+
+@pytest.mark.parametrize(("run", "ema"), [("fsdp_2", True), ("ddp_same_2", False)])
+def test_checkpoint_opens_with_no_arguments_and_exports_to_a_bagel_release(runs, tmp_path, run, ema):
+    """``load_checkpoint`` finds the tokenizer in the kit folder; ``chatumm convert kit-to-bagel CKPT OUT [--ema]``
+    (a sharded FSDP2 folder, a DDP file) writes a release that ``load_bagel`` reads back to the same logits."""
+    from chatumm_kit.convert.bagel import load_bagel
+    from chatumm_kit.model import FlowInputs
+    from chatumm_kit.training.loading import load_checkpoint
+
+    ckpt = runs[run] / "checkpoints" / "last.ckpt"
+    loaded = load_checkpoint(ckpt, use_ema=ema)
+    assert loaded.ema is ema and loaded.tokenizer.encode("a blue square")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}  # the trained fp32 weights, kept
+    argv = ["convert", "kit-to-bagel", str(ckpt), str(tmp_path / "release"), *(["--ema"] if ema else [])]
+    assert chatumm(argv) == 0
+    back = load_bagel(tmp_path / "release", attn_backend="sdpa")
+    batch = _one_batch(back.tokenizer)
+    n = int(batch.mse_token_mask.sum())
+    flow = FlowInputs(timesteps=torch.full((1,), 0.5), noise=torch.randn(n, 16, generator=torch.Generator()))
+    with torch.no_grad():
+        a, b = loaded.model(batch, flow=flow), back.model(batch, flow=flow)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.velocity, b.velocity)
+    # the release holds the trained weights, not the converted ones it started from
+    start = load_bagel(runs[run].parent.parent / "release", attn_backend="sdpa").model
+    with torch.no_grad():
+        assert not torch.allclose(start(batch, flow=flow).logits.float(), a.logits, atol=1e-4)

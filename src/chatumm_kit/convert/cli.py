@@ -4,8 +4,10 @@ Sub-commands (each ``SOURCE OUTPUT``):
 
 * ``bagel-to-kit`` — a BAGEL release folder -> kit folder (``model.safetensors`` + ``model.json`` model spec +
   tokenizer). ``model.json`` is what a recipe puts under ``system.model``; ``model.safetensors`` its ``init_from``.
-* ``kit-to-bagel`` — a kit ChatUMM folder -> BAGEL release folder (``llm_config.json``, ``vit_config.json``,
-  ``ema.safetensors``, ``ae.safetensors``, tokenizer).
+* ``kit-to-bagel`` — a kit ChatUMM folder, or a training checkpoint of ``ChatUMMSystem`` (a ``*.ckpt`` file or a
+  sharded FSDP2 folder; ``--ema`` takes its EMA weights) -> BAGEL release folder (``llm_config.json``,
+  ``vit_config.json``, ``ema.safetensors``, ``ae.safetensors``, tokenizer). This is how a fine-tuned model is
+  released: ``load_bagel`` reads the folder back to the same logits.
 * ``qwen2-to-kit`` — a Qwen2/2.5 HF folder -> kit folder holding a ``MoTBackbone`` (both experts = the checkpoint).
 * ``siglip-to-kit`` — a SigLIP HF folder -> kit folder holding a ``ViTEncoder`` (fresh connector).
 * ``flux-to-diffusers`` — a FLUX ``ae.safetensors`` -> a diffusers ``AutoencoderKL`` folder (``save_pretrained``).
@@ -17,6 +19,7 @@ add_arguments, run)`` in ``chatumm_kit/cli.py``.
 Example:
     $ chatumm convert bagel-to-kit /ckpt/BAGEL-7B-MoT /ckpt/bagel_kit --dtype bfloat16
     $ chatumm convert kit-to-bagel /ckpt/bagel_kit /ckpt/BAGEL-copy
+    $ chatumm convert kit-to-bagel runs/bagel_7b/sft_chat_fsdp/checkpoints/last.ckpt /ckpt/BAGEL-chat --ema
 """
 
 from __future__ import annotations
@@ -73,16 +76,36 @@ def _bagel_to_kit(args: argparse.Namespace) -> int:
 
 
 def _kit_to_bagel(args: argparse.Namespace) -> int:
-    from chatumm_kit.convert.bagel import BagelConversionError, export_bagel, load_kit_folder
+    from chatumm_kit.convert.bagel import SPEC_FILE, BagelConversionError, export_bagel, load_kit_folder
     from chatumm_kit.model import ChatUMM
 
-    kit = load_kit_folder(args.source, dtype=_dtype(args))
-    if not isinstance(kit.module, ChatUMM):
+    source = Path(args.source)
+    if (source / SPEC_FILE).is_file():  # a kit folder
+        if args.ema:
+            raise BagelConversionError(f"{source}: --ema applies to training checkpoints, not to a kit folder")
+        kit = load_kit_folder(source, dtype=_dtype(args))
+        module, tokenizer, what = kit.module, kit.tokenizer, "kit folder"
+    else:  # a ChatUMMSystem training checkpoint: a *.ckpt file or a sharded (FSDP2) checkpoint folder
+        from chatumm_kit.training.checkpoints import is_sharded_checkpoint
+        from chatumm_kit.training.loading import load_checkpoint
+
+        if not (source.is_file() or is_sharded_checkpoint(source)):
+            raise FileNotFoundError(
+                f"{source}: neither a kit folder (missing {SPEC_FILE}) nor a training checkpoint (a *.ckpt file or a "
+                "sharded checkpoint folder)"
+            )
+
+        loaded = load_checkpoint(source, use_ema=bool(args.ema))
+        module, tokenizer = loaded.model, loaded.tokenizer
+        if _dtype(args) is not None:
+            module.to(_dtype(args))
+        what = "EMA weights" if loaded.ema else "raw weights"
+    if not isinstance(module, ChatUMM):
         raise BagelConversionError(
-            f"{args.source}: holds a {type(kit.module).__name__}, not a ChatUMM; only a whole model exports to BAGEL"
+            f"{args.source}: holds a {type(module).__name__}, not a ChatUMM; only a whole model exports to BAGEL"
         )
-    out = export_bagel(kit.module, args.output, tokenizer=kit.tokenizer)
-    _say(out, "BAGEL release folder", kit.module)
+    out = export_bagel(module, args.output, tokenizer=tokenizer)
+    _say(out, f"BAGEL release folder from the {what}", module)
     return 0
 
 
@@ -143,8 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-backend", choices=("flex", "sdpa"), default="flex", help="written into the model spec")
     p.set_defaults(convert_run=_bagel_to_kit)
 
-    p = sub.add_parser("kit-to-bagel", help="kit ChatUMM folder -> BAGEL release folder")
-    _io(p, "kit folder (model.json + model.safetensors)", "BAGEL release folder to write")
+    p = sub.add_parser("kit-to-bagel", help="kit ChatUMM folder or training checkpoint -> BAGEL release folder")
+    _io(p, "kit folder (model.json + model.safetensors) or ChatUMMSystem checkpoint", "BAGEL release folder to write")
+    p.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights (default: its raw weights)")
     p.set_defaults(convert_run=_kit_to_bagel)
 
     p = sub.add_parser("qwen2-to-kit", help="Qwen2/2.5 HF folder -> kit MoTBackbone folder")

@@ -10,8 +10,12 @@ weights through :func:`chatumm_kit.training.checkpoints.read_weights`.
 A checkpoint trained with ``system.adapter`` (LoRA, :mod:`chatumm_kit.training.adapters`) comes back with its adapter
 injected and unmerged; a model built from a kit folder takes the folder's tokenizer.
 
-Paths inside the spec (``tokenizer``, ``vae_weights``) are read as written at training time, i.e. relative to the
-directory training ran in; pass ``tokenizer=`` or ``spec_overrides=`` to point elsewhere.
+Paths inside the spec (``tokenizer``, ``vae_weights``, a kit folder's ``path``) are stored absolute by the training
+system; pass ``tokenizer=`` or ``spec_overrides=`` to point elsewhere. The tokenizer is the spec's ``tokenizer`` or,
+for a kit folder spec (``chatumm_kit.convert.bagel.kit_folder``: the BAGEL recipes), the one ``chatumm convert
+bagel-to-kit`` wrote into the kit folder (:func:`spec_tokenizer`), so a checkpoint of any recipe opens with no extra
+argument. The weights keep the dtype they were trained in (the fp32 master weights of the BAGEL recipes, whatever
+dtype the kit folder was converted to).
 
 Example:
     >>> loaded = load_checkpoint("runs/shapes/chat_tiny/checkpoints/last.ckpt")   # doctest: +SKIP
@@ -46,7 +50,10 @@ __all__ = [
     "checkpoint_hyperparameters",
     "checkpoint_has_ema",
     "checkpoint_view_sizing",
+    "spec_tokenizer",
 ]
+
+_KIT_FOLDER = "chatumm_kit.convert.bagel.kit_folder"  # the model spec of a converted release (named, not imported)
 
 _META_FILE = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the DCP shards (hyperparameters, ...)
 
@@ -127,6 +134,25 @@ def checkpoint_has_ema(checkpoint: str | Path) -> bool:
     )
 
 
+def spec_tokenizer(spec: Mapping[str, Any]) -> str | None:
+    """Where the tokenizer of a (``_component_``-form) model spec lives, or ``None`` when the spec does not say.
+
+    The spec's ``tokenizer`` when it names one; for a kit folder spec, the kit folder itself (``chatumm convert
+    bagel-to-kit`` writes the release's tokenizer beside the weights).
+
+    Example:
+        >>> spec_tokenizer({"_component_": "chatumm_kit.convert.bagel.kit_folder", "path": "runs/bagel_7b/kit"})
+        'runs/bagel_7b/kit'
+        >>> spec_tokenizer({"_component_": "chatumm_kit.presets.chatumm_tiny", "vocab_size": 300}) is None
+        True
+    """
+    if spec.get("tokenizer") is not None:
+        return str(spec["tokenizer"])
+    if spec.get("_component_") == _KIT_FOLDER and spec.get("path") is not None:
+        return str(spec["path"])
+    return None
+
+
 def _require_file(spec: Mapping[str, Any], key: str, checkpoint: Path) -> None:
     value = spec.get(key)
     if value is not None and not Path(str(value)).exists():
@@ -167,21 +193,26 @@ def load_checkpoint(
     spec.update(spec_overrides or {})
     if isinstance(tokenizer, ChatTokenizer):
         tok = tokenizer
-        if spec.get("vocab_size") is None:
-            spec["vocab_size"] = tok.vocab_size
-        spec.pop("tokenizer", None)
+        if "tokenizer" in spec:  # a preset sized by its tokenizer file: size it by this one instead
+            spec.pop("tokenizer")
+            if spec.get("vocab_size") is None:
+                spec["vocab_size"] = tok.vocab_size
     else:
         if tokenizer is not None:
             spec["tokenizer"] = str(tokenizer)
-        folder = spec.get("path")  # a kit folder (convert.bagel.kit_folder) holds its own tokenizer
-        if spec.get("tokenizer") is None and folder is not None and (Path(folder) / "tokenizer.json").is_file():
-            tok = ChatTokenizer.from_file(folder)
-        else:
-            if spec.get("tokenizer") is None:
-                raise ValueError(f"{path}: the model spec names no tokenizer; pass tokenizer=")
-            _require_file(spec, "tokenizer", path)
-            tok = ChatTokenizer.from_file(spec["tokenizer"])
+        source = spec_tokenizer(spec)
+        if source is None:
+            raise ValueError(
+                f"{path}: the model spec names no tokenizer (no 'tokenizer' key, not a kit folder); pass tokenizer="
+            )
+        if not Path(source).exists():
+            raise FileNotFoundError(
+                f"{path}: the tokenizer {source!r} the model spec points to does not exist; pass tokenizer= or "
+                "spec_overrides={'tokenizer': ...}" + (" / {'path': ...}" if "path" in spec else "")
+            )
+        tok = ChatTokenizer.from_file(source)
     _require_file(spec, "vae_weights", path)
+    _require_file(spec, "path", path)
 
     ema = checkpoint_has_ema(path) if use_ema is None else bool(use_ema)
     weights = read_weights(path, use_ema=ema, prefix="model.")
@@ -190,7 +221,7 @@ def load_checkpoint(
     if hparams.get("adapter"):  # trained with LoRA: rebuild the unmerged adapter the weights belong to
         apply_lora(model, instantiate(hparams["adapter"], path="hyper_parameters.adapter"))
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(weights, strict=True, assign=True)  # the trained tensors, in their trained dtype
     except RuntimeError as err:
         raise ValueError(f"{path}: the weights do not fit the model spec {spec}: {err}") from None
     del weights
