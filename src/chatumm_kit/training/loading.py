@@ -207,8 +207,9 @@ def load_checkpoint(
             )
         if not Path(source).exists():
             raise FileNotFoundError(
-                f"{path}: the tokenizer {source!r} the model spec points to does not exist; pass tokenizer= or "
-                "spec_overrides={'tokenizer': ...}" + (" / {'path': ...}" if "path" in spec else "")
+                f"{path}: the model spec's tokenizer {source!r} does not exist"
+                + (" (the kit folder the spec names)" if spec.get("tokenizer") is None else "")
+                + "; pass tokenizer= or spec_overrides={'tokenizer': ...}"
             )
         tok = ChatTokenizer.from_file(source)
     _require_file(spec, "vae_weights", path)

@@ -77,7 +77,8 @@ def run_shape_of(cfg: Any, *, ce_fraction: float = 0.25) -> RunShape:
     devices *= int(trainer.get("num_nodes", 1) or 1)
     kind = "fsdp2" if target.endswith("fsdp2") else "ddp" if (target.endswith("ddp") or devices > 1) else "single"
     precision = str(trainer.get("precision", "32-true"))
-    mixed = isinstance(strategy, dict) and strategy.get("mixed_precision") == "bf16" and kind == "fsdp2"
+    # fsdp2()'s defaults: bf16 mixed precision and activation checkpointing (training.strategies.fsdp2)
+    mixed = kind == "fsdp2" and isinstance(strategy, dict) and strategy.get("mixed_precision", "bf16") == "bf16"
     compute = "bfloat16" if mixed or "bf16" in precision else "float16" if precision.startswith("16") else "float32"
     model = _plain(cfg.system.get("model")) or {}
     checkpointing = bool(model.get("gradient_checkpointing")) or (
