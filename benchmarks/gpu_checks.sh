@@ -8,3 +8,8 @@ export PYTHONPATH="${PYTHONPATH:-$PWD/src}"
 
 # LoRA vs full fine-tuning on BAGEL-7B-MoT widths cut to 2 layers (bf16 base, fp32 adapters) — issue 15
 python benchmarks/bench_lora.py --device cuda --layers 2 --repeats 5 --json | tee "$out/bench_lora_cuda.txt"
+
+# A few FSDP2 bf16 steps of bagel_7b/sft_chat_fsdp on BAGEL-7B widths cut to 2 layers, beside `chatumm plan`'s
+# memory prediction (keys mfu, peak_mem_gib, plan_mem_gib) — issue 13
+python benchmarks/bench_bagel_step.py --device cuda --layers 2 --tokens 8192 --steps 5 --json \
+  | tee "$out/bench_bagel_step_cuda.txt"

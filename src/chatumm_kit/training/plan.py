@@ -9,8 +9,8 @@ The arithmetic, per device (``W`` = number of data-parallel devices):
 
 * **weights** — each parameter's bytes in its dtype (the master dtype: fp32 under the BAGEL recipes). FSDP2 shards
   dim 0 of every parameter into ``ceil(rows / W)`` rows per rank (the largest shard, padding included); DDP
-  replicates. FSDP2 with bf16 mixed precision also holds the **gathered** bf16 copy of the unit being computed and
-  of the one prefetched (2 × the largest unit's parameters × 2 bytes): ``gathered_bytes``.
+  replicates. FSDP2 also holds the **gathered** copy, in the compute dtype, of the unit being computed and of the one
+  prefetched (2 × the largest unit's parameters × 2 bytes under bf16): ``gathered_bytes``.
 * **gradients** — one per trainable parameter, in the parameter's dtype, sharded like the weights under FSDP2.
   DDP also keeps its all-reduce buckets, one more gradient-sized buffer (``ddp_bucket_bytes``).
 * **optimizer state** — AdamW: ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype, plus a 4-byte ``step``
@@ -151,8 +151,8 @@ def plan_training(model: nn.Module, run: RunShape, *, unit_names: tuple[str, ...
     opt = sum(run.optimizer_states * nbytes(p) + 4 for p in trainable)
     act_bytes = _DTYPE_BYTES[run.compute_dtype]
     gathered = 0
-    if run.strategy == "fsdp2" and world > 1:
-        gathered = 2 * _largest_unit_params(model, unit_names) * act_bytes  # current + prefetched unit, unsharded
+    if run.strategy == "fsdp2":  # current + prefetched unit, unsharded in the compute dtype (also on one device)
+        gathered = 2 * _largest_unit_params(model, unit_names) * act_bytes
     bucket = grad if run.strategy == "ddp" else 0
     h, m, layers, vocab = _decoder_sizes(model)
     per_layer = run.tokens * (8 * h + 4 * m) * act_bytes
