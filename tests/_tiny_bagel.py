@@ -3,8 +3,9 @@
 Sizes differ from BAGEL-7B everywhere, and ``head_dim`` (6) is not ``hidden / heads`` (8) and is absent from
 ``llm_config.json``, so a loader that assumed 7B constants or derived sizes wrongly cannot load it. The JSON is
 misleading on purpose where SPEC §5 says loaders must force settings: ``tie_word_embeddings: true``, no ``qk_norm``,
-and SigLIP depth 3 (the file holds 2 layers: depth − 1). The ViT and latent grids are 8 per side, so the model
-takes 32×32 images (ShapesChat's size): training recipes, chat and the ShapesChat benchmark run on it.
+and SigLIP depth 3 (the file holds 2 layers: depth − 1). The ViT and latent grids are 4 per side (16-pixel images);
+``make_tiny_bagel(..., side=8)`` makes them 8 (32×32 images, ShapesChat's size: training recipes, chat and the
+ShapesChat benchmark run on it).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.convert.flux_vae import save_flux_vae
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 32, 2, 4, 2, 6, 48, 320
-VIT_HIDDEN, VIT_CONFIG_LAYERS, VIT_HEADS, VIT_MLP, PATCH, VIT_SIDE = 16, 3, 2, 24, 4, 8
-LATENT_CHANNELS, LATENT_PATCH, LATENT_SIDE, FREQ_DIM = 4, 2, 8, 16
+VIT_HIDDEN, VIT_CONFIG_LAYERS, VIT_HEADS, VIT_MLP, PATCH, VIT_SIDE = 16, 3, 2, 24, 4, 4
+LATENT_CHANNELS, LATENT_PATCH, LATENT_SIDE, FREQ_DIM = 4, 2, 4, 16
 VIT_LAYERS = VIT_CONFIG_LAYERS - 1  # SPEC §5: BAGEL uses the penultimate layer
 TEXTS = ["draw a red circle", "what colour is it", "it is red", "make it blue", "a blue square"]
 
@@ -93,7 +94,7 @@ def tiny_flux_autoencoder() -> AutoencoderKL:
     return ae
 
 
-def bagel_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+def bagel_tensors(seed: int = 0, *, side: int = VIT_SIDE) -> dict[str, torch.Tensor]:
     """Every key of SPEC §5 at the tiny sizes, random values (norms and biases too), sin-cos tables exact."""
     g = torch.Generator().manual_seed(seed)
 
@@ -124,7 +125,7 @@ def bagel_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     v = "vit_model.vision_model."
     t[v + "embeddings.patch_embedding.weight"] = rnd(VIT_HIDDEN, PATCH * PATCH * 3)  # already Linear
     t[v + "embeddings.patch_embedding.bias"] = rnd(VIT_HIDDEN)
-    t[v + "embeddings.position_embedding.weight"] = rnd(VIT_SIDE**2, VIT_HIDDEN)
+    t[v + "embeddings.position_embedding.weight"] = rnd(side**2, VIT_HIDDEN)
     for i in range(VIT_LAYERS):
         e = f"{v}encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -148,8 +149,8 @@ def bagel_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
         "llm2vae": (token_dim, HIDDEN),
     }.items():
         t[name + ".weight"], t[name + ".bias"] = rnd(o, i), rnd(o)
-    t["vit_pos_embed.pos_embed"] = mae_sincos_2d(HIDDEN, VIT_SIDE)
-    t["latent_pos_embed.pos_embed"] = mae_sincos_2d(HIDDEN, LATENT_SIDE)
+    t["vit_pos_embed.pos_embed"] = mae_sincos_2d(HIDDEN, side)
+    t["latent_pos_embed.pos_embed"] = mae_sincos_2d(HIDDEN, side)
     return t
 
 
@@ -181,11 +182,13 @@ def write_bagel_folder(
     return folder
 
 
-def make_tiny_bagel(folder: Path, *, dtype: torch.dtype = torch.float32, texts: list[str] | None = None) -> TinyBagel:
-    """A release folder with ``ema.safetensors`` stored in ``dtype`` (BAGEL's own is bf16) and a tokenizer trained
-    on ``texts`` (default: a few ShapesChat-like phrases)."""
+def make_tiny_bagel(
+    folder: Path, *, dtype: torch.dtype = torch.float32, texts: list[str] | None = None, side: int = VIT_SIDE
+) -> TinyBagel:
+    """A release folder with ``ema.safetensors`` stored in ``dtype`` (BAGEL's own is bf16), a tokenizer trained on
+    ``texts`` (default: a few ShapesChat-like phrases) and ViT / latent grids of ``side`` per side."""
     tokenizer = ChatTokenizer.train((texts or TEXTS * 5), vocab_size=300)
-    tensors = {k: v.to(dtype) for k, v in bagel_tensors().items()}
+    tensors = {k: v.to(dtype) for k, v in bagel_tensors(side=side).items()}
     ae = tiny_flux_autoencoder()
     write_bagel_folder(folder, tensors, autoencoder=ae, tokenizer=tokenizer)
     return TinyBagel(folder=folder, tensors=tensors, autoencoder=ae, tokenizer=tokenizer)

@@ -96,7 +96,7 @@ def journey(tmp_path_factory):
     root = tmp_path_factory.mktemp("journey")
     text = README.read_text()
     block, tiny = journey_block(text), tiny_variables(text)
-    make_tiny_bagel(root / "BAGEL-tiny", dtype=torch.bfloat16)
+    make_tiny_bagel(root / "BAGEL-tiny", dtype=torch.bfloat16, side=8)
     write_dialogues(root / "my_dialogues")
     env = {
         **os.environ,

@@ -85,7 +85,7 @@ def setup(tmp_path_factory) -> SimpleNamespace:
         ]
         assert chatumm(["synth", "shapes/synth", *argv]) == 0
     texts = list(dialogue_texts(str(root / "train" / "index.json")))
-    release = make_tiny_bagel(root / "release", dtype=torch.bfloat16, texts=texts).folder
+    release = make_tiny_bagel(root / "release", dtype=torch.bfloat16, texts=texts, side=8).folder
     assert chatumm(["convert", "bagel-to-kit", str(release), str(root / "kit"), "--attn-backend", "sdpa"]) == 0
     return SimpleNamespace(
         root=root,
