@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from chatumm_kit.config import DEFAULT_ALLOWED_ROOTS, RecipeError, instantiate, load_recipe, validate_recipe
+from chatumm_kit.config import RecipeError, instantiate, load_recipe, validate_recipe
 from chatumm_kit.training.plan import MemoryPlan, RunShape, format_plan, plan_training
 
 __all__ = ["add_arguments", "run", "plan_recipe", "run_shape_of"]
@@ -107,10 +107,9 @@ def plan_recipe(cfg: Any, *, preset: str | None = None, ce_fraction: float = 0.2
 
 
 def run(args: argparse.Namespace) -> int:
-    allowed = DEFAULT_ALLOWED_ROOTS | frozenset(getattr(args, "allow_root", None) or ())
     try:
         cfg = load_recipe(args.recipe, args.overrides)
-        validate_recipe(cfg, allowed_roots=allowed)
+        validate_recipe(cfg)  # the allow-list in force (the CLI's, with any --allow entries)
         plan = plan_recipe(cfg, preset=args.preset, ce_fraction=args.ce_fraction)
     except (RecipeError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
