@@ -161,8 +161,13 @@ def test_validation_losses_are_token_weighted_means_over_all_batches(write_recip
     assert printed["val/mse"] == pytest.approx(float(sums[2] / sums[3]), abs=2e-4)
 
 
-def test_fit_refuses_views_the_position_tables_cannot_hold(write_recipe):
-    """chatumm_tiny's ViT table is 16 patches of 8 px per side: a 256 px view sizing is refused at fit start."""
+def test_fit_refuses_views_the_position_tables_cannot_hold(write_recipe, capsys):
+    """chatumm_tiny's ViT table is 16 patches of 8 px per side: a 256 px view sizing is refused — by `chatumm train`
+    before any prepare step (the same rule as at fit start, training/recipe_checks.py), in one line."""
     recipe = write_recipe("big")
-    with pytest.raises(ValueError, match="32 patches per side .* position table has 16; lower vit.max_side to 128"):
-        main(["train", str(recipe), "data.max_image_side=256", "trainer.max_steps=1"])
+    assert main(["train", str(recipe), "data.max_image_side=256", "trainer.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "32 patches per side (max_side 256 / stride 8) but the ViT's position table has 16; lower vit.max_side to 128"
+        in err
+    )
