@@ -82,3 +82,33 @@ def test_bagel_7b_plan_on_8_gpus_with_and_without_activation_checkpointing(capsy
     one = plan("trainer.devices=1")
     assert one["weight_bytes"] == pytest.approx(8 * on["weight_bytes"], rel=1e-3)
     assert one["total_bytes"] / GIB > 200
+
+
+def test_plan_of_a_lora_system_counts_adapters_as_trainable_and_equals_measured_bytes():
+    # issue 15: the plan accounts for adapters — LoRA weights (and nothing else) trainable, the base frozen
+    adapter = {"_component_": "chatumm_kit.training.adapters.LoraSpec", "rank": 4, "init": "random"}
+    system = ChatUMMSystem(model=SPEC, adapter=adapter)
+    system.configure_model()
+    model = system.model
+    plan = plan_training(model, RunShape(strategy="single", devices=1, tokens=512))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert plan.trainable_params == lora > 0
+    assert plan.frozen_params == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    optimizer = system.configure_optimizers()["optimizer"]
+    out = model(_batch())
+    (out.ce_loss + out.mse_loss).backward()
+    optimizer.step()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    assert plan.grad_bytes == grads == 4 * lora
+    assert plan.optimizer_bytes == state
+
+
+def test_lora_chat_plan_needs_a_fraction_of_full_fine_tuning_state(capsys):
+    def plan(recipe):
+        assert main(["plan", recipe, "trainer.devices=1", "--preset", "chatumm_bagel_7b", "--json"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    lora, full = plan("bagel_7b/lora_chat"), plan("bagel_7b/sft_chat_freeze_und_ddp")
+    assert lora["trainable_params"] < 0.05 * lora["total_params"]
+    assert lora["optimizer_bytes"] < 0.1 * full["optimizer_bytes"]
