@@ -331,7 +331,7 @@ class ChatUMM(nn.Module):
     @property
     def vae_token_stride(self) -> int:
         """Pixels per VAE token side: the autoencoder's downsample × the latent patch (the stream's VAE views)."""
-        return self.vae.downsample * self.vae.latent_patch
+        return self.vae.token_stride
 
     @property
     def vit_max_patches_per_side(self) -> int:

@@ -9,6 +9,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from chatumm_kit.components.kv_cache import MoTKVCache
 from chatumm_kit.components.mot import MoTBackbone, MoTConfig, dense_from_block_mask
+from chatumm_kit.training.optim import OptimizerSpec
 
 CAUSAL, FULL, NOISE = "causal", "full", "noise"
 TINY = MoTConfig(
@@ -267,7 +268,8 @@ def test_single_expert_sequence_touches_only_its_expert(only):
 
 def test_freeze_understanding_blocks_und_grads_but_gen_attends_to_und():
     free = tiny()
-    frozen = tiny(freeze_understanding=True)
+    frozen = tiny()
+    frozen.freeze_understanding()
     frozen.load_state_dict(free.state_dict())
     stream = [(8, CAUSAL, 0), (8, FULL, 0)]  # text prompt, then a clean VAE block that attends to it
     mask, gen = gca_mask(stream), list(range(9, 15))
@@ -278,7 +280,7 @@ def test_freeze_understanding_blocks_und_grads_but_gen_attends_to_und():
         model.h_grad = h.grad
     und_params = [p for m in frozen.understanding_modules(include_shared=True) for p in m.parameters()]
     assert und_params and all(not p.requires_grad and p.grad is None for p in und_params)
-    trainable = {id(p) for g in frozen.configure_optimizers().param_groups for p in g["params"]}
+    trainable = {id(p) for g in OptimizerSpec(lr=1e-3).build(frozen).param_groups for p in g["params"]}
     assert trainable == {id(p) for m in frozen.generation_modules() for p in m.parameters()}
     # gen grads are exactly those of the unfrozen model: gen tokens still see und keys/values
     for g_frozen, g_free in zip(_grads(frozen, frozen.generation_modules()), _grads(free, free.generation_modules())):
@@ -308,24 +310,22 @@ def test_gradient_checkpointing_gives_identical_grads():
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=name)
 
 
-def test_text_lm_training_step_and_optimizer():
+def test_text_lm_loss_and_optimizer():
     model = tiny()
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
     logits = model.text_logits(ids)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
-    first = model.training_step(ids, 0)
+    first = model.next_token_loss(ids)
     torch.testing.assert_close(first, expected)
     # each row is its own causal document: row 1 does not depend on row 0
     ids2 = ids.clone()
     ids2[0] = (ids2[0] + 1) % 50
     torch.testing.assert_close(model.text_logits(ids2)[1], logits[1])
     torch.testing.assert_close(model.text_logits(ids[:, :6]), logits[:, :6], rtol=1e-5, atol=1e-5)  # causal
-    opt = model.configure_optimizers()
-    for group in opt.param_groups:
-        group["lr"] = 1e-2
+    opt = OptimizerSpec(lr=1e-2).build(model)
     for _ in range(12):
         opt.zero_grad()
-        loss = model.training_step(ids, 0)
+        loss = model.next_token_loss(ids)
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first.item()
@@ -348,3 +348,29 @@ def test_from_meta_7b_shape_counts_without_allocating():
     assert total == 14_141_252_608  # BAGEL-7B-MoT language model: ~14.1B with both experts
     assert total - gen == 7_615_623_680  # = Qwen2.5-7B (7,615,616,512) + 28 layers × 256 q/k-norm gains
     assert model.hparams.hidden_size == 3584
+
+
+def test_hyperparameters_are_the_architecture_and_rebuild_an_equal_backbone():
+    model = tiny(qk_norm=False, rope_theta=1e4)
+    assert dict(model.hparams) == {**TINY.__dict__, "qk_norm": False, "rope_theta": 1e4}
+    rebuilt = type(model)(**model.hparams)
+    rebuilt.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rebuilt.text_logits(ids), model.text_logits(ids), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="lrr"):
+        MoTBackbone(**TINY.__dict__, lrr=1e-3)
+
+
+def test_a_checkpoint_with_the_retired_training_settings_still_loads(tmp_path):
+    """Backbones saved before lr / weight_decay / freeze_understanding left the constructor."""
+    model = tiny()
+    old_hparams = {**model.hparams, "lr": 1e-4, "weight_decay": 0.0, "freeze_understanding": False}
+    path = tmp_path / "old.ckpt"
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": old_hparams, "pytorch-lightning_version": "2.6.6"}, path
+    )
+    with pytest.warns(UserWarning, match="retired"):
+        loaded = MoTBackbone.load_from_checkpoint(path, weights_only=True)
+    assert dict(loaded.hparams) == dict(model.hparams)
+    ids = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(loaded.text_logits(ids), model.text_logits(ids), rtol=0, atol=0)

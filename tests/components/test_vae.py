@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from chatumm_kit.components.layers import sincos_2d_table
 from chatumm_kit.components.vae import VAELatentHead, tiny_autoencoder
+from chatumm_kit.systems.autoencoder import AutoencoderSystem
 
 
 def _head(**overrides):
@@ -133,12 +134,17 @@ def test_frozen_autoencoder_gets_no_grads_and_stays_in_eval_mode():
     (h.square().mean() + images[0].square().mean()).backward()
     assert all(p.grad is None for p in head.autoencoder.parameters())
     assert head.vae2llm.weight.grad is not None and head.llm2vae.weight.grad.abs().sum() > 0
-    with pytest.raises(RuntimeError, match="freeze_autoencoder=False"):
-        head.training_step(_shapes(2), 0)
+    assert not head.autoencoder_loss(_shapes(2)).total.requires_grad  # a frozen autoencoder cannot be fitted
+    head.set_autoencoder_frozen(False)
+    assert head.autoencoder.training and all(p.requires_grad for p in head.autoencoder.parameters())
 
 
-def test_training_step_fits_the_autoencoder_with_a_lightning_trainer(one_thread):
-    head = _head(freeze_autoencoder=False, lr=2e-3, scaling_factor=1.0, shift_factor=0.0)
+def test_autoencoder_system_fits_the_autoencoder_with_a_lightning_trainer(one_thread):
+    arch = dict(_head(scaling_factor=1.0, shift_factor=0.0).hparams)
+    system = AutoencoderSystem(head=arch, reconstruction_loss="l1", optimizer={"lr": 2e-3})
+    torch.manual_seed(0)
+    system.configure_model()  # the trainer calls it again: a no-op
+    head = system.head
     images = _shapes(4)
     before = head.reconstruction_error(images).item()
     ae_before = {k: v.clone() for k, v in head.autoencoder.state_dict().items()}
@@ -152,7 +158,8 @@ def test_training_step_fits_the_autoencoder_with_a_lightning_trainer(one_thread)
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(head, train_dataloaders=loader)
+    trainer.fit(system, train_dataloaders=loader)
+    assert system.head is head
     after = head.reconstruction_error(images).item()
     assert after < 0.3 * before, (before, after)
     assert any(not torch.equal(v, head.autoencoder.state_dict()[k]) for k, v in ae_before.items())
@@ -160,13 +167,17 @@ def test_training_step_fits_the_autoencoder_with_a_lightning_trainer(one_thread)
     assert "vae/reconstruction" in trainer.callback_metrics
 
 
-def test_fit_latent_stats_standardises_latents_and_is_kept_in_hparams():
+def test_latent_stats_standardise_latents_and_are_kept_in_the_rebuilt_heads_hparams():
     head = _head()
+    saved = dict(head.hparams)
     images = list(_shapes(4))
-    scale, shift = head.fit_latent_stats(images)
-    z = torch.cat([x.reshape(-1) for x in head.encode(images)])
+    scale, shift = head.latent_stats(images)
+    assert dict(head.hparams) == saved  # hyperparameters never change after they are saved
+    fitted = VAELatentHead(**{**head.hparams, "scaling_factor": scale, "shift_factor": shift})
+    fitted.load_state_dict(head.state_dict())
+    z = torch.cat([x.reshape(-1) for x in fitted.encode(images)])
     assert abs(z.mean().item()) < 1e-4 and abs(z.std().item() - 1.0) < 1e-4
-    assert head.hparams["scaling_factor"] == scale and head.hparams["shift_factor"] == shift
+    assert fitted.hparams["scaling_factor"] == scale and fitted.hparams["shift_factor"] == shift
 
 
 def test_hyperparameters_rebuild_head_and_autoencoder_from_config():
@@ -179,3 +190,19 @@ def test_hyperparameters_rebuild_head_and_autoencoder_from_config():
     torch.testing.assert_close(rebuilt.encode(images)[0], head.encode(images)[0])
     with pytest.raises(ValueError, match="exactly one"):
         VAELatentHead(hidden=8)
+
+
+def test_a_checkpoint_with_the_retired_training_settings_still_loads(tmp_path):
+    """Heads saved before the training settings moved to AutoencoderSystem carry them in their hyperparameters."""
+    head = _head()
+    old_hparams = {**head.hparams, "freeze_autoencoder": False, "reconstruction_loss": "mse", "kl_weight": 1e-5}
+    old_hparams |= {"lr": 2e-3, "weight_decay": 0.0}
+    path = tmp_path / "old.ckpt"
+    torch.save(
+        {"state_dict": head.state_dict(), "hyper_parameters": old_hparams, "pytorch-lightning_version": "2.6.6"}, path
+    )
+    loaded = VAELatentHead.load_from_checkpoint(path, weights_only=True)
+    assert dict(loaded.hparams) == dict(head.hparams)
+    for k, v in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.autoencoder_frozen

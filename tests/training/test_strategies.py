@@ -31,7 +31,7 @@ def test_ddp_defaults():
 
 
 def test_fsdp2_factory_builds_a_model_parallel_strategy_with_its_plan():
-    s = fsdp2(shard_unit_names=["layers"], mixed_precision=None, activation_checkpointing=False)
+    s = fsdp2(unit_names=["layers"], mixed_precision=None, activation_checkpointing=False)
     assert isinstance(s, FSDP2Strategy) and isinstance(s, ModelParallelStrategy)
     assert s.plan == FSDP2Plan(unit_names=("layers",), mixed_precision=None, activation_checkpointing=False)
     assert s._save_distributed_checkpoint is True and s._tensor_parallel_size == 1
@@ -39,7 +39,7 @@ def test_fsdp2_factory_builds_a_model_parallel_strategy_with_its_plan():
     with pytest.raises(ValueError, match="mixed_precision"):
         fsdp2(mixed_precision="fp16")
     with pytest.raises(ValueError, match="unit_names"):
-        fsdp2(shard_unit_names=())
+        fsdp2(unit_names=())
 
 
 def test_mixed_precision_policy_only_where_bf16_runs():
@@ -86,3 +86,15 @@ def test_fsdp_gpu_constructs_with_per_layer_policies():
         fsdp_gpu(layer_types=["torch.optim.AdamW"])  # on the recipe allow-list, but not a module class
     with pytest.raises(ValueError, match="'torch.nn.functional.relu' is not on the recipe allow-list"):
         fsdp_gpu(layer_types=["torch.nn.functional.relu"])
+
+
+def test_fsdp2_refuses_to_checkpoint_layers_that_checkpoint_themselves():
+    """Activation checkpointing is one setting: the strategy's or the model's, never both (no double recompute)."""
+    from chatumm_kit.components.mot import MoTBackbone
+    from chatumm_kit.training.strategies import apply_fsdp2
+
+    sizes = dict(
+        vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=8
+    )
+    with pytest.raises(ValueError, match=r"^apply_fsdp2\(activation_checkpointing=True\): MoTBackbone already"):
+        apply_fsdp2(MoTBackbone(**sizes, gradient_checkpointing=True), device_mesh=None)

@@ -25,6 +25,14 @@ norms, scatter back.
 Parameter names mirror the BAGEL layout of SPEC §5 without the ``language_model.model.`` prefix (``lm_head`` without
 ``language_model.``), so checkpoint conversion is a prefix map.
 
+**A component that stands alone** (ARCHITECTURE "components"): the constructor takes the architecture only — the
+fields of :class:`MoTConfig`, defined there once — and saves them as its hyperparameters, so
+``type(mot)(**mot.hparams)`` rebuilds an equal module and a checkpoint of the backbone loads on its own. Training
+settings live with whoever trains it: :class:`~chatumm_kit.systems.unified.ChatUMMSystem` inside ChatUMM (freezing
+the understanding expert calls :meth:`MoTBackbone.freeze_understanding`), or
+:class:`~chatumm_kit.systems.text_lm.TextLMSystem` for the backbone alone as a text LM (its loss is
+:meth:`MoTBackbone.next_token_loss`; recipe ``shapes/mot_text_lm``).
+
 Example:
     >>> cfg = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
     ...                 intermediate_size=64)
@@ -38,9 +46,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Literal
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -60,6 +69,7 @@ from chatumm_kit.components.mot_attention import (
     StackedCachedAttention,
     dense_from_block_mask,
 )
+from chatumm_kit.config.signatures import keyword_signature
 
 __all__ = [
     "GEN_SUFFIX",
@@ -82,7 +92,7 @@ GEN_SUFFIX = "_moe_gen"
 
 @dataclass(frozen=True)
 class MoTConfig:
-    """Sizes and switches of :class:`MoTBackbone`.
+    """Sizes and switches of :class:`MoTBackbone` — the one definition of its constructor arguments.
 
     Attributes:
         vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size: decoder sizes.
@@ -96,7 +106,6 @@ class MoTConfig:
             with autograd enabled the ``BlockMask`` is expanded to a dense mask (O(L²), once per forward) and SDPA
             runs instead.
         gradient_checkpointing: recompute each layer in backward (training only).
-        freeze_understanding: no gradient into the understanding expert; see :meth:`MoTBackbone.understanding_modules`.
     """
 
     vocab_size: int
@@ -111,7 +120,6 @@ class MoTConfig:
     qk_norm: bool = True
     attn_backend: Literal["sdpa", "flex"] = "sdpa"
     gradient_checkpointing: bool = False
-    freeze_understanding: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -123,6 +131,19 @@ class MoTConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoTConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any]) -> MoTConfig:
+        """The config of a saved backbone spec or hyperparameters, written by this version or an older one.
+
+        Older versions also saved training settings with the architecture (``lr``, ``weight_decay``,
+        ``freeze_understanding``): they are dropped here (freezing is the training system's ``freeze``).
+        """
+        return cls(**{k: v for k, v in saved.items() if k not in RETIRED_MOT_ARGUMENTS})
+
+
+RETIRED_MOT_ARGUMENTS: frozenset[str] = frozenset({"lr", "weight_decay", "freeze_understanding"})
+"""Keys that older versions saved among :class:`MoTBackbone`'s hyperparameters and that no longer exist."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -239,11 +260,12 @@ class MoTBackbone(L.LightningModule):
     hidden states), and trainable alone as a text LM (:meth:`training_step`).
 
     Args:
-        vocab_size ... freeze_understanding: the fields of :class:`MoTConfig`.
-        lr, weight_decay: AdamW settings for standalone training (:meth:`configure_optimizers`).
+        **config: the fields of :class:`MoTConfig` as keyword arguments (``vocab_size``, ``hidden_size``, ...,
+            ``attn_backend``, ``gradient_checkpointing``); the constructor's signature lists them. They are the
+            module's hyperparameters: ``MoTBackbone(**mot.hparams)`` rebuilds it.
 
-    ``freeze_understanding`` sets ``requires_grad=False`` on every understanding-expert weight (all layer modules
-    without ``_moe_gen``, and ``norm``) **and** on ``embed_tokens`` and ``lm_head``: both only ever serve
+    :meth:`freeze_understanding` sets ``requires_grad=False`` on every understanding-expert weight (all layer
+    modules without ``_moe_gen``, and ``norm``) **and** on ``embed_tokens`` and ``lm_head``: both only ever serve
     understanding-routed tokens (text and markers), so training them would change understanding behaviour too.
     Activations are not detached: gen tokens still attend to und keys/values, and gradients still flow through
     und tokens' activations to whatever upstream is trainable (e.g. gen weights of earlier clean VAE tokens), so
@@ -256,28 +278,13 @@ class MoTBackbone(L.LightningModule):
         torch.Size([2, 5, 64])
     """
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        hidden_size: int,
-        num_layers: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        intermediate_size: int,
-        rope_theta: float = 1e6,
-        rms_eps: float = 1e-6,
-        qk_norm: bool = True,
-        attn_backend: Literal["sdpa", "flex"] = "sdpa",
-        gradient_checkpointing: bool = False,
-        freeze_understanding: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-    ) -> None:
+    def __init__(self, **config: Any) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        cfg = MoTConfig(**{f.name: self.hparams[f.name] for f in fields(MoTConfig)})
+        retired = sorted(RETIRED_MOT_ARGUMENTS & config.keys())
+        if retired:  # hyperparameters of a checkpoint written by an older version
+            warnings.warn(f"MoTBackbone: ignoring retired training settings {retired}", stacklevel=2)
+        cfg = MoTConfig.from_saved(config)  # names and values checked there
+        self.save_hyperparameters(asdict(cfg))
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(head_dim=cfg.head_dim, theta=cfg.rope_theta)
@@ -286,23 +293,20 @@ class MoTBackbone(L.LightningModule):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
-        if cfg.freeze_understanding:
-            for module in self.understanding_modules(include_shared=True):
-                module.requires_grad_(False)
 
     # ---------------------------------------------------------------- construction helpers
 
     @classmethod
-    def from_config(cls, config: MoTConfig, **training: float) -> MoTBackbone:
-        """Build from a :class:`MoTConfig` (``training``: ``lr``, ``weight_decay``)."""
-        return cls(**asdict(config), **training)
+    def from_config(cls, config: MoTConfig) -> MoTBackbone:
+        """Build from a :class:`MoTConfig`."""
+        return cls(**asdict(config))
 
     @classmethod
-    def from_meta(cls, config: MoTConfig, **training: float) -> MoTBackbone:
+    def from_meta(cls, config: MoTConfig) -> MoTBackbone:
         """Build on the meta device: shapes only, nothing allocated (count parameters, or fill with
         ``load_state_dict(..., assign=True)``; otherwise ``to_empty(device=...)`` then :meth:`reset_parameters`)."""
         with torch.device("meta"):
-            return cls.from_config(config, **training)
+            return cls.from_config(config)
 
     def reset_parameters(self) -> None:
         """Qwen2-style init (normal std 0.02, zero biases, unit norms), then gen expert := copy of und (SPEC §4)."""
@@ -335,6 +339,12 @@ class MoTBackbone(L.LightningModule):
         if include_shared:
             yield self.embed_tokens
             yield self.lm_head
+
+    def freeze_understanding(self, *, embeddings: bool = True) -> None:
+        """No gradient into the understanding expert, nor (``embeddings``) into ``embed_tokens``/``lm_head`` (see the
+        class docstring)."""
+        for module in self.understanding_modules(include_shared=embeddings):
+            module.requires_grad_(False)
 
     def generation_modules(self) -> Iterator[nn.Module]:
         """Modules of the generation expert (``*_moe_gen``)."""
@@ -554,7 +564,7 @@ class MoTBackbone(L.LightningModule):
         if mask.dtype != torch.bool:
             raise ValueError(f"MoTBackbone.forward: dense attn_mask must be bool (True = may attend), got {mask.dtype}")
 
-    # ---------------------------------------------------------------- standalone text LM
+    # ---------------------------------------------------------------- the backbone alone, as a text LM
 
     def causal_mask(self, doc_ids: torch.Tensor) -> DocumentMask | BlockMask:
         """Block-diagonal causal mask for packed text documents, in this model's backend's mask type.
@@ -593,18 +603,11 @@ class MoTBackbone(L.LightningModule):
         logits = self.lm_head(out).view(b, t, -1)
         return logits if input_ids.dim() == 2 else logits[0]
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """Next-token cross-entropy on a ``[B, T]`` LongTensor of token ids (or a dict with ``input_ids``)."""
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch
-        logits = self.text_logits(ids)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-        if self._trainer is not None:
-            self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))
+    def next_token_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``[B, T]`` token ids, each row one causal document (the text-LM
+        objective that :class:`~chatumm_kit.systems.text_lm.TextLMSystem` trains; scalar)."""
+        logits = self.text_logits(input_ids)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -612,3 +615,8 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
+
+
+# `MoTBackbone(**config)` shows the keyword signature of MoTConfig, so `chatumm validate`, help() and IDEs see the
+# arguments by name while they are written down once (in MoTConfig).
+MoTBackbone.__signature__ = keyword_signature(MoTConfig)

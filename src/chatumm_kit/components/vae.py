@@ -10,18 +10,24 @@ Holds a diffusers ``AutoencoderKL`` (BAGEL: the FLUX VAE — 8× downsample, 16 
   2-D sin-cos indexed ``row · max_latent_side + col``): :meth:`embed` sums the three;
 * ``llm2vae`` (``hidden → 4C``), zero-initialised so a fresh head predicts velocity 0: :meth:`velocity`.
 
-**Frozen by default.** With ``freeze_autoencoder=True`` the autoencoder's parameters have ``requires_grad=False``,
-it stays in eval mode even when the head is put in train mode, and :meth:`encode` runs it under ``no_grad``.
+**Frozen by default.** A new head's autoencoder has ``requires_grad=False``, stays in eval mode even when the head is
+put in train mode, and :meth:`encode` runs it under ``no_grad``. Freezing is a training setting, not architecture:
+whoever trains the head says otherwise with :meth:`VAELatentHead.set_autoencoder_frozen` (``ChatUMMSystem``'s
+``freeze.vae``, or :class:`~chatumm_kit.systems.autoencoder.AutoencoderSystem`, which fits it).
 
 **Deterministic latents.** :meth:`encode` uses the posterior **mode** (its mean) rather than a sample, so the same
 image always gives the same latent (clean views, caching, tests); the flow-matching noise is the only randomness.
 
-**Fitting the autoencoder on a new image domain.** Built with ``freeze_autoencoder=False``, the head is its own
-Lightning system: :meth:`training_step` minimises reconstruction (L1 or MSE) + ``kl_weight`` · KL of the posterior
-(mean per latent element), :meth:`configure_optimizers` gives AdamW over the autoencoder's parameters only (the
-LLM-facing layers are trained with the unified model, not here). :meth:`fit_latent_stats` then sets the shift and
-scale so that normalised latents have mean 0 and standard deviation 1 on sample images.
-:func:`tiny_autoencoder` builds a small ``AutoencoderKL`` for the 32×32 ShapesChat world.
+**Fitting the autoencoder on a new image domain** (recipe ``shapes/vae``): the head keeps the objective —
+:meth:`autoencoder_loss` (reconstruction, L1 or MSE, + ``kl_weight`` · KL of the posterior, mean per latent element)
+and :meth:`reconstruction_error` — and :class:`~chatumm_kit.systems.autoencoder.AutoencoderSystem` owns the
+training settings (loss weights, optimizer over the autoencoder's parameters only: the LLM-facing layers are trained
+with the unified model). :meth:`latent_stats` then gives the shift and scale under which normalised latents have mean
+0 and standard deviation 1 on sample images. :func:`tiny_autoencoder` builds a small ``AutoencoderKL`` for the 32×32
+ShapesChat world.
+
+**Hyperparameters rebuild the head**: they are the constructor's arguments, with a passed autoencoder stored as its
+``autoencoder_kwargs``, so ``VAELatentHead(**head.hparams)`` builds an equal head (weights aside).
 
 Example:
     >>> head = VAELatentHead(hidden=64, autoencoder=tiny_autoencoder(latent_channels=4, downsample=4),
@@ -52,6 +58,7 @@ from chatumm_kit.components.layers import PositionTable2D, TimestepEmbedder
 __all__ = [
     "FLUX_VAE_KWARGS",
     "LatentPosterior",
+    "ReconstructionLoss",
     "VAELatentHead",
     "VAELoss",
     "autoencoder_config",
@@ -141,6 +148,9 @@ def tiny_autoencoder(
     )
 
 
+ReconstructionLoss = Literal["l1", "mse"]
+
+
 @dataclass
 class VAELoss:
     """Autoencoder fitting loss: ``total = reconstruction + kl_weight · kl`` (scalars)."""
@@ -184,10 +194,6 @@ class VAELatentHead(L.LightningModule):
         latent_patch: latent patch side (BAGEL: 2).
         max_latent_side: side of the latent position grid, in tokens (BAGEL: 64).
         timestep_freq_dim: sinusoid width of the time embedding (SPEC §4: 256).
-        freeze_autoencoder: keep the autoencoder frozen and in eval mode (default); False to fit it.
-        reconstruction_loss: ``"l1"`` or ``"mse"`` for :meth:`training_step`.
-        kl_weight: weight of the mean-per-latent-element KL in :meth:`training_step`.
-        lr, weight_decay: AdamW settings for :meth:`configure_optimizers`.
 
     Shapes:
         ``embed(x_t [N, p²C], t [N], rc [N, 2]) -> [N, hidden]``; ``velocity(h [N, hidden]) -> [N, p²C]``.
@@ -204,21 +210,24 @@ class VAELatentHead(L.LightningModule):
         latent_patch: int = 2,
         max_latent_side: int = 64,
         timestep_freq_dim: int = 256,
-        freeze_autoencoder: bool = True,
-        reconstruction_loss: Literal["l1", "mse"] = "l1",
-        kl_weight: float = 1e-4,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         if (autoencoder is None) == (autoencoder_kwargs is None):
             raise ValueError("VAELatentHead: pass exactly one of autoencoder= or autoencoder_kwargs=")
-        if reconstruction_loss not in ("l1", "mse"):
-            raise ValueError(f"VAELatentHead: reconstruction_loss must be 'l1' or 'mse', got {reconstruction_loss!r}")
         if autoencoder is None:
             autoencoder = AutoencoderKL(**autoencoder_kwargs)
-        self.save_hyperparameters(ignore=["autoencoder"])
-        self.hparams["autoencoder_kwargs"] = autoencoder_config(autoencoder)  # so load_from_checkpoint can rebuild
+        # A passed autoencoder is stored as its config, so the hyperparameters alone rebuild the head.
+        self.save_hyperparameters(
+            {
+                "hidden": hidden,
+                "autoencoder_kwargs": autoencoder_config(autoencoder),
+                "scaling_factor": float(scaling_factor),
+                "shift_factor": float(shift_factor),
+                "latent_patch": latent_patch,
+                "max_latent_side": max_latent_side,
+                "timestep_freq_dim": timestep_freq_dim,
+            }
+        )
         self.autoencoder = autoencoder
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(shift_factor)
@@ -226,7 +235,6 @@ class VAELatentHead(L.LightningModule):
         self.max_latent_side = max_latent_side
         self.latent_channels = int(autoencoder.config.latent_channels)
         self.downsample = 2 ** (len(autoencoder.config.block_out_channels) - 1)
-        self.freeze_autoencoder = freeze_autoencoder
 
         token_dim = self.latent_channels * latent_patch**2
         self.vae2llm = nn.Linear(token_dim, hidden)
@@ -235,19 +243,30 @@ class VAELatentHead(L.LightningModule):
         nn.init.zeros_(self.llm2vae.bias)
         self.latent_pos_embed = PositionTable2D(dim=hidden, max_side=max_latent_side)
         self.time_embedder = TimestepEmbedder(hidden=hidden, freq_dim=timestep_freq_dim)
-        if freeze_autoencoder:
-            self.autoencoder.requires_grad_(False)
-            self.autoencoder.eval()
+        self.autoencoder_frozen = True
+        self.set_autoencoder_frozen(True)
+
+    def set_autoencoder_frozen(self, frozen: bool) -> None:
+        """Freeze the autoencoder (no gradients, eval mode, :meth:`encode` under ``no_grad``) or let it train."""
+        self.autoencoder_frozen = bool(frozen)
+        self.autoencoder.requires_grad_(not frozen)
+        self.autoencoder.train(self.training and not frozen)
 
     @property
     def token_dim(self) -> int:
         """Features per latent token: ``latent_patch² · latent_channels`` (FLUX: 64)."""
         return self.latent_channels * self.latent_patch**2
 
+    @property
+    def token_stride(self) -> int:
+        """Pixels per latent token side: ``downsample · latent_patch`` (FLUX: 8 · 2 = 16); an image's VAE view
+        has sides in multiples of it."""
+        return self.downsample * self.latent_patch
+
     def train(self, mode: bool = True) -> VAELatentHead:
         """As ``nn.Module.train``, but a frozen autoencoder stays in eval mode."""
         super().train(mode)
-        if self.freeze_autoencoder:
+        if self.autoencoder_frozen:
             self.autoencoder.eval()
         return self
 
@@ -298,7 +317,7 @@ class VAELatentHead(L.LightningModule):
             self._check_image(image, "posterior")
         out: list[LatentPosterior | None] = [None] * len(images)
         dtype = next(self.autoencoder.parameters()).dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_autoencoder):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.autoencoder_frozen):
             for idx in self._by_size(images).values():
                 x = torch.stack([images[i] for i in idx]).to(dtype)
                 dist = self.autoencoder.encode(x).latent_dist
@@ -383,33 +402,39 @@ class VAELatentHead(L.LightningModule):
 
     # ------------------------------------------------------------------ fitting the autoencoder
 
+    def _raw_latents(self, images: Sequence[torch.Tensor], where: str) -> list[torch.Tensor]:
+        """The autoencoder's posterior mode of each image, before normalisation (images of one size batched)."""
+        for image in images:
+            self._check_image(image, where)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        dtype = next(self.autoencoder.parameters()).dtype
+        for idx in self._by_size(images).values():
+            x = torch.stack([images[i] for i in idx]).to(dtype)
+            z = self.autoencoder.encode(x).latent_dist.mode()
+            for i, zi in zip(idx, z):
+                out[i] = zi
+        return out  # type: ignore[return-value]
+
     @torch.no_grad()
-    def fit_latent_stats(self, images: Sequence[torch.Tensor]) -> tuple[float, float]:
-        """Set ``shift_factor`` / ``scaling_factor`` to the raw latents' mean and 1/std over ``images``.
+    def latent_stats(self, images: Sequence[torch.Tensor]) -> tuple[float, float]:
+        """``(scaling_factor, shift_factor)`` under which the latents of ``images`` have mean 0 and std 1.
 
-        Returns ``(scaling_factor, shift_factor)``; also stored in ``hparams`` so checkpoints keep them.
+        The head is not changed; build the fitted one with ``VAELatentHead(**{**head.hparams, "scaling_factor":
+        scale, "shift_factor": shift})`` or store the pair with the autoencoder (``ExportAutoencoder``).
         """
-        saved = self.scaling_factor, self.shift_factor
-        self.scaling_factor, self.shift_factor = 1.0, 0.0
-        raw = torch.cat([z.reshape(-1).float() for z in self.encode(images)])
+        raw = torch.cat([z.reshape(-1).float() for z in self._raw_latents(images, "latent_stats")])
         if raw.numel() < 2 or float(raw.std()) == 0.0:
-            self.scaling_factor, self.shift_factor = saved
-            raise ValueError("VAELatentHead.fit_latent_stats: latents have no spread; pass more / varied images")
-        self.shift_factor, self.scaling_factor = float(raw.mean()), float(1.0 / raw.std())
-        self.hparams["scaling_factor"], self.hparams["shift_factor"] = self.scaling_factor, self.shift_factor
-        return self.scaling_factor, self.shift_factor
+            raise ValueError("VAELatentHead.latent_stats: latents have no spread; pass more / varied images")
+        return float(1.0 / raw.std()), float(raw.mean())
 
-    def autoencoder_loss(self, images: torch.Tensor) -> VAELoss:
-        """Reconstruction + KL for a batch ``[B, 3, H, W]`` in ``[-1, 1]`` (posterior *sampled*, as in VAE training)."""
+    def _group_loss(self, images: torch.Tensor, *, reconstruction: ReconstructionLoss, kl_weight: float) -> VAELoss:
+        """Reconstruction + KL for ``[B, 3, H, W]`` in ``[-1, 1]`` (posterior *sampled*, as in VAE training)."""
         posterior = self.autoencoder.encode(images).latent_dist
         z = posterior.sample()
         recon = self.autoencoder.decode(z).sample
-        if self.hparams.reconstruction_loss == "l1":
-            rec = F.l1_loss(recon, images)
-        else:
-            rec = F.mse_loss(recon, images)
+        rec = F.l1_loss(recon, images) if reconstruction == "l1" else F.mse_loss(recon, images)
         kl = posterior.kl().mean() / z[0].numel()  # diffusers sums KL over C, h, w: make it per latent element
-        return VAELoss(total=rec + self.hparams.kl_weight * kl, reconstruction=rec, kl=kl)
+        return VAELoss(total=rec + kl_weight * kl, reconstruction=rec, kl=kl)
 
     def _batch_images(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(batch, torch.Tensor):
@@ -417,35 +442,36 @@ class VAELatentHead(L.LightningModule):
                 raise ValueError(f"VAELatentHead: a tensor batch must be [B, 3, H, W], got {tuple(batch.shape)}")
             return [batch]
         for image in batch:
-            self._check_image(image, "training_step")
+            self._check_image(image, "autoencoder_loss")
         return [torch.stack([batch[i] for i in idx]) for idx in self._by_size(batch).values()]
 
-    def _loss_over(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> VAELoss:
-        """Loss of each same-size group, weighted by its share of the images."""
+    def autoencoder_loss(
+        self,
+        batch: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        reconstruction: ReconstructionLoss = "l1",
+        kl_weight: float = 1e-4,
+    ) -> VAELoss:
+        """The autoencoder-fitting objective over ``[B, 3, H, W]`` or a list of ``[3, H, W]`` images in ``[-1, 1]``.
+
+        Images of one size are one group; each group's loss is weighted by its share of the images. Gradients reach
+        the autoencoder only if it is not frozen (:meth:`set_autoencoder_frozen`).
+        """
+        if reconstruction not in ("l1", "mse"):
+            raise ValueError(
+                f"VAELatentHead.autoencoder_loss: reconstruction must be 'l1' or 'mse', not {reconstruction!r}"
+            )
         groups = self._batch_images(batch)
         total_images = sum(g.shape[0] for g in groups)
-        parts = [(g.shape[0] / total_images, self.autoencoder_loss(g)) for g in groups]
+        parts = [
+            (g.shape[0] / total_images, self._group_loss(g, reconstruction=reconstruction, kl_weight=kl_weight))
+            for g in groups
+        ]
         return VAELoss(
             total=sum(w * x.total for w, x in parts),
             reconstruction=sum(w * x.reconstruction for w, x in parts),
             kl=sum(w * x.kl for w, x in parts),
         )
-
-    def training_step(self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
-        """Fit the autoencoder: ``batch`` is ``[B, 3, H, W]`` or a list of ``[3, H, W]`` images in ``[-1, 1]``."""
-        if self.freeze_autoencoder:
-            raise RuntimeError(
-                "VAELatentHead.training_step: the autoencoder is frozen; build the head with "
-                "freeze_autoencoder=False to fit it"
-            )
-        loss = self._loss_over(batch)
-        n = batch.shape[0] if isinstance(batch, torch.Tensor) else len(batch)
-        self.log_dict(
-            {"vae/loss": loss.total, "vae/reconstruction": loss.reconstruction, "vae/kl": loss.kl},
-            prog_bar=True,
-            batch_size=n,
-        )
-        return loss.total
 
     @torch.no_grad()
     def reconstruction_error(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -457,16 +483,3 @@ class VAELatentHead(L.LightningModule):
             for x in self._batch_images(batch)
         ]
         return torch.cat(errs).mean()
-
-    def validation_step(self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
-        """:meth:`reconstruction_error`, logged as ``vae/val_reconstruction``."""
-        err = self.reconstruction_error(batch)
-        n = batch.shape[0] if isinstance(batch, torch.Tensor) else len(batch)
-        self.log("vae/val_reconstruction", err, prog_bar=True, batch_size=n)
-        return err
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the autoencoder's parameters (the LLM-facing layers are trained with the unified model)."""
-        return torch.optim.AdamW(
-            self.autoencoder.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )

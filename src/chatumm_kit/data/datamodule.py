@@ -44,7 +44,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -54,7 +54,14 @@ from webdataset.utils import pytorch_worker_info
 from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.image_decode import DEFAULT_MAX_PIXELS
-from chatumm_kit.data.packing import CFGDropRates, Packer, budget_problems, packer_setting_problems
+from chatumm_kit.data.packing import (
+    CFGDropRates,
+    Packer,
+    budget_problems,
+    check_stream_settings,
+    model_stream_settings,
+    packer_setting_problems,
+)
 from chatumm_kit.data.skips import DataHealth
 from chatumm_kit.data.streaming import (
     DataPosition,
@@ -68,6 +75,9 @@ from chatumm_kit.data.streaming import (
 )
 from chatumm_kit.data.view_sizing import ViewSizing, resolve_view_sizing
 from chatumm_kit.data.word_noise import WordNoise
+
+if TYPE_CHECKING:
+    from chatumm_kit.model import ChatUMM
 
 __all__ = ["DialogueDataModule", "DataStallError", "SourceSpec", "StreamBatch"]
 
@@ -275,17 +285,17 @@ class DialogueDataModule(L.LightningDataModule):
         if word_noise is not None and not isinstance(word_noise, WordNoise):
             raise ValueError(f"DialogueDataModule.word_noise must be a WordNoise, got {type(word_noise).__name__}")
         self.word_noise = word_noise
-        self.view_sizing = resolve_view_sizing(
-            view_sizing,
-            vit_patch_size=vit_patch_size,
-            vae_token_stride=vae_token_stride,
-            max_image_side=max_image_side,
-            where="DialogueDataModule",
-        )
-        self.packer_kwargs = dict(
-            view_sizing=self.view_sizing,
-            pad_to_multiple=pad_to_multiple,
-        )
+        self._max_image_side = max_image_side
+        self.stream_settings: dict[str, int | None] = {
+            "vit_patch_size": vit_patch_size,
+            "vae_token_stride": vae_token_stride,
+        }
+        self.view_sizing: ViewSizing | None = None  # None until the model's stream settings arrive
+        if view_sizing is not None or None not in self.stream_settings.values():
+            self.view_sizing = resolve_view_sizing(
+                view_sizing, **self.stream_settings, max_image_side=max_image_side, where="DialogueDataModule"
+            )
+        self.packer_kwargs = dict(pad_to_multiple=pad_to_multiple)
         self.token_budget = int(token_budget)
         self.max_sample_tokens = int(max_sample_tokens) if max_sample_tokens is not None else self.token_budget
         self.overflow_size = overflow_size
@@ -331,6 +341,35 @@ class DialogueDataModule(L.LightningDataModule):
         return [f"{key}: {message}" for key, message in found]
 
     # ----------------------------------------------------------------- setup
+    def use_model_settings(self, model: ChatUMM) -> None:
+        """Take the stream settings ``model`` fixes where none were given; raise (one line, both values) where a
+        given one differs. Call before the first dataloader (``ChatUMMSystem.configure_model`` does)."""
+        if self.view_sizing is not None:
+            check_stream_settings(
+                model,
+                where="data",
+                vit_patch_size=self.view_sizing.vit.stride,
+                vae_token_stride=self.view_sizing.vae.stride,
+            )
+            return
+        given = {k: v for k, v in self.stream_settings.items() if v is not None}
+        check_stream_settings(model, where="data", **given)
+        self.stream_settings = dict(model_stream_settings(model))
+        self.view_sizing = resolve_view_sizing(
+            None, **self.stream_settings, max_image_side=self._max_image_side, where="DialogueDataModule"
+        )
+
+    def _packer(self, drop_rates: CFGDropRates) -> Packer:
+        if self.view_sizing is None:
+            missing = [k for k, v in self.stream_settings.items() if v is None]
+            raise ValueError(
+                f"DialogueDataModule: {' and '.join(missing)} not set; give them (data.{missing[0]}=...) or train "
+                "with a ChatUMMSystem, which takes them from its model"
+            )
+        return Packer(
+            tokenizer=self.tokenizer, drop_rates=drop_rates, view_sizing=self.view_sizing, **self.packer_kwargs
+        )
+
     @property
     def _workers(self) -> int:
         return max(1, self.num_workers)
@@ -362,7 +401,7 @@ class DialogueDataModule(L.LightningDataModule):
                     stage, n_shards, self.world_size, self._workers, self.world_size * self._workers,
                 )  # fmt: skip
         drop = self.drop_rates if stage == "train" else CFGDropRates.disabled()
-        packer = Packer(tokenizer=self.tokenizer, drop_rates=drop, **self.packer_kwargs)
+        packer = self._packer(drop)
         stream = DialogueStream(
             sources=sources,
             packer=packer,
@@ -387,9 +426,14 @@ class DialogueDataModule(L.LightningDataModule):
         return stream
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the shard lists and build the streams (idempotent)."""
+        """Resolve the shard lists and build the streams (idempotent; with stream settings still to come from the
+        model, the streams are built by the first dataloader)."""
         self.rank, self.world_size = self._resolve_rank()
+        if self.view_sizing is None and getattr(self, "trainer", None) is not None:
+            return  # Lightning calls setup before configure_model: the system hands over its model in between
+        self._build_streams(stage)
 
+    def _build_streams(self, stage: str | None) -> None:
         def stale(stream: DialogueStream | None) -> bool:  # built before the trainer told us our rank
             return stream is None or (stream.rank, stream.world_size) != (self.rank, self.world_size)
 
@@ -415,7 +459,8 @@ class DialogueDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train_stream is None:
-            self.setup("fit")
+            self.rank, self.world_size = self._resolve_rank()
+            self._build_streams("fit")
         assert self.train_stream is not None
         return self._loader(
             self.train_stream, on_start=self._begin_train_epoch, on_end=lambda: self._end_epoch("train")
@@ -425,7 +470,8 @@ class DialogueDataModule(L.LightningDataModule):
         if not self.val_sources:
             return []
         if self.val_stream is None:
-            self.setup("validate")
+            self.rank, self.world_size = self._resolve_rank()
+            self._build_streams("validate")
         assert self.val_stream is not None
         return self._loader(self.val_stream, on_start=self._begin_val_epoch, on_end=lambda: self._end_epoch("val"))
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,6 +54,9 @@ from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.data.dialogue import DialogueError, DialogueSample, ImageSegment, Role, TextSegment
 from chatumm_kit.data.stream_layout import DocumentPlan, StreamBuilder, StreamPiece, TurnPlan, document_labels
 from chatumm_kit.data.view_sizing import ViewSizes, ViewSizing, resolve_view_sizing
+
+if TYPE_CHECKING:
+    from chatumm_kit.model import ChatUMM
 
 __all__ = [
     "budget_problems",
@@ -66,7 +69,9 @@ __all__ = [
     "StreamPiece",
     "TokenBudgetBatcher",
     "TurnPlan",
+    "check_stream_settings",
     "document_labels",
+    "model_stream_settings",
 ]
 
 
@@ -161,6 +166,21 @@ def budget_problems(*, token_budget: int, max_sample_tokens: int, pad_to_multipl
     return problems
 
 
+def model_stream_settings(model: ChatUMM) -> dict[str, int]:
+    """The stream settings a model fixes: ``vit_patch_size`` (its ViT's patch) and ``vae_token_stride`` (pixels per
+    VAE token side, ``downsample · latent_patch``)."""
+    return {"vit_patch_size": int(model.vit_patch_size), "vae_token_stride": int(model.vae_token_stride)}
+
+
+def check_stream_settings(model: ChatUMM, *, where: str, **settings: int) -> None:
+    """Raise a one-line ``ValueError`` when ``settings`` (``vit_patch_size``, ``vae_token_stride``) differ from what
+    ``model`` fixes; ``where`` names the settings' owner (e.g. ``"data"``, ``"SessionConfig"``)."""
+    wanted = model_stream_settings(model)
+    for name, value in settings.items():
+        if value != wanted[name]:
+            raise ValueError(f"{where}.{name}={value} but the model's is {wanted[name]} (the model fixes it)")
+
+
 class Packer:
     """Serialise dialogues into one packed sequence (SPEC §2–3); see the module docstring for the stream rules.
 
@@ -224,6 +244,17 @@ class Packer:
         self.vit_std = tuple(float(s) for s in vit_std)
         self.drop_rates = drop_rates
         self.pad_to_multiple = int(pad_to_multiple)
+
+    @classmethod
+    def for_model(cls, model: ChatUMM, *, tokenizer: ChatTokenizer, **settings: Any) -> Packer:
+        """A packer whose ``vit_patch_size`` and ``vae_token_stride`` are the model's (:func:`model_stream_settings`);
+        ``settings`` are the other constructor arguments.
+
+        Example:
+            >>> Packer.for_model(chatumm_tiny(vocab_size=300), tokenizer=tok).vae_token_stride   # doctest: +SKIP
+            8
+        """
+        return cls(tokenizer=tokenizer, **model_stream_settings(model), **settings)
 
     # ------------------------------------------------------------------ planning
     def view_sizes(self, height: int, width: int) -> ViewSizes:

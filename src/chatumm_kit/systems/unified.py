@@ -154,6 +154,9 @@ class ChatUMMSystem(L.LightningModule):
             # is bf16): compute precision is the trainer's autocast or FSDP2's MixedPrecisionPolicy, not this.
             model.to(MASTER_DTYPES[self.hparams.master_dtype])
         self._apply_freeze(model)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if callable(getattr(data, "use_model_settings", None)):  # before the first batch is packed
+            data.use_model_settings(model)  # the stream settings the model fixes; a mismatch is a one-line error
         if self.hparams.get("adapter"):
             from chatumm_kit.training.adapters import apply_lora
 
@@ -167,11 +170,9 @@ class ChatUMMSystem(L.LightningModule):
         if self.freeze.vit:
             model.vit.requires_grad_(False)
         # The flow loss can fine-tune the autoencoder's encoder too (its encode then keeps the graph).
-        model.vae.freeze_autoencoder = self.freeze.vae
-        model.vae.autoencoder.requires_grad_(not self.freeze.vae)
+        model.vae.set_autoencoder_frozen(self.freeze.vae)
         if self.freeze.understanding:
-            for module in model.backbone.understanding_modules(include_shared=False):
-                module.requires_grad_(False)
+            model.backbone.freeze_understanding(embeddings=False)
         if self.freeze.embeddings:
             model.backbone.embed_tokens.requires_grad_(False)
             model.backbone.lm_head.requires_grad_(False)

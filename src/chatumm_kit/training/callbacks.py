@@ -25,8 +25,9 @@ class RecipeInCheckpoint(L.Callback):
 
 
 class ExportAutoencoder(L.Callback):
-    """At the end of fitting a :class:`~chatumm_kit.components.vae.VAELatentHead`, write its autoencoder to
-    ``path`` (safetensors) with the latent normalisation fitted on validation images.
+    """At the end of fitting a :class:`~chatumm_kit.components.vae.VAELatentHead` (the ``head`` of an
+    :class:`~chatumm_kit.systems.autoencoder.AutoencoderSystem`), write its autoencoder to ``path`` (safetensors)
+    with the latent normalisation fitted on validation images.
 
     The file holds the bare ``AutoencoderKL`` state dict; ``scaling_factor`` and ``shift_factor`` (so that
     normalised latents have zero mean and unit variance, SPEC §4 ``z ← scale·(z − shift)``) travel in its metadata.
@@ -45,9 +46,10 @@ class ExportAutoencoder(L.Callback):
             if i >= self.stats_batches:
                 break
             images.extend(batch.to(pl_module.device))
-        scale, shift = pl_module.fit_latent_stats(images) if images else (1.0, 0.0)
+        head = pl_module.head
+        scale, shift = head.latent_stats(images) if images else (1.0, 0.0)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.autoencoder.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in head.autoencoder.state_dict().items()}
         tmp = self.path.with_suffix(".tmp")
         save_file(state, str(tmp), metadata={"scaling_factor": repr(scale), "shift_factor": repr(shift)})
         tmp.replace(self.path)  # atomic: a killed run never leaves a half-written VAE that looks complete

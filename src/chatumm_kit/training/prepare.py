@@ -83,14 +83,10 @@ def ensure_synthesised(*, recipe: str, artifact: str, overrides: list[str] | Non
 
 def dialogue_texts(shards: str | list[str]):
     """Every text segment of every dialogue in ``shards`` (anything ``resolve_shards`` accepts)."""
-    from chatumm_kit.data.dialogue import TextSegment
     from chatumm_kit.data.shards import read_samples
+    from chatumm_kit.data.text import dialogue_texts as texts
 
-    for sample in read_samples(shards):
-        for turn in sample.dialogue.turns:
-            for seg in turn.segments:
-                if isinstance(seg, TextSegment):
-                    yield seg.text
+    return texts(read_samples(shards))
 
 
 def _check_train(cfg) -> None:

@@ -2,7 +2,8 @@
 
 A training recipe has these top-level keys:
 
-* ``seed`` — global seed (default 0);
+* ``seed`` — the run's seed (default 0): global generators, and the ``seed`` of ``system`` and ``data`` when they
+  take one and do not set it (:func:`run_seed`);
 * ``output_dir`` — where logs and checkpoints go (default ``runs/train``);
 * ``vars`` — free values other nodes interpolate (``${vars.data_dir}``);
 * ``prepare`` — a list of ``_component_`` steps run before training (make data if missing, fit a VAE, ...);
@@ -22,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from chatumm_kit.config import RecipeError, instantiate, to_yaml, validate_recipe
+from chatumm_kit.config.imports import resolve_callable
+from chatumm_kit.config.instantiate import COMPONENT_KEY
 from chatumm_kit.training.resume import resolve_resume
 
-__all__ = ["TRAIN_KEYS", "TrainingResult", "run_training", "resolve_resume"]
+__all__ = ["TRAIN_KEYS", "TrainingResult", "resolve_resume", "run_seed", "run_training"]
 
 TRAIN_KEYS = frozenset({"seed", "output_dir", "vars", "prepare", "system", "data", "trainer", "resume_from", "report"})
 
@@ -84,6 +89,23 @@ def _build_trainer(node: Any, output_dir: Path):
     return trainer
 
 
+def run_seed(node: Any, seed: int) -> dict[str, int]:
+    """``{"seed": seed}`` when ``node``'s callable takes a ``seed`` and the node does not set one, else ``{}``.
+
+    The recipe's top-level ``seed`` is the run's one source of randomness: it seeds the global generators and, passed
+    here at the call site, the system's (flow noise) and the data module's (shard order, shuffle, CFG dropout)
+    own draws, so a recipe says it once. A node may still set its own ``seed`` (e.g. to vary the data alone).
+    """
+    if not isinstance(node, Mapping | DictConfig) or COMPONENT_KEY not in node or "seed" in node:
+        return {}
+    target = resolve_callable(str(node[COMPONENT_KEY]))
+    try:
+        takes_seed = "seed" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"seed": seed} if takes_seed else {}
+
+
 def run_training(cfg: DictConfig) -> TrainingResult:
     """Check the whole recipe, run the ``prepare`` steps, then fit ``system`` on ``data`` with ``trainer``; print
     where things went. Only allow-listed callables are built (:func:`~chatumm_kit.config.current_allow_list`)."""
@@ -107,10 +129,13 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     for i, step in enumerate(cfg.get("prepare") or []):
         instantiate(step, path=f"prepare[{i}]")
 
-    system = instantiate(cfg.system, path="system")
+    seed = int(cfg.get("seed", 0))
+    system = instantiate(cfg.system, path="system", **run_seed(cfg.system, seed))
     if not isinstance(system, L.LightningModule):
         raise RecipeError(f"system: built {type(system).__name__}, expected a lightning.LightningModule")
-    data = instantiate(cfg.data, path="data") if cfg.get("data") is not None else None
+    data = None
+    if cfg.get("data") is not None:
+        data = instantiate(cfg.data, path="data", **run_seed(cfg.data, seed))
     from chatumm_kit.training.callbacks import RecipeInCheckpoint
     from chatumm_kit.training.redaction import EnvironmentRedaction
 

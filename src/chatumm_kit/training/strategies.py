@@ -33,7 +33,7 @@ float32 while the sharded master weights and optimizer state stay float32; keep 
 (an autocast plugin on top would be redundant). bf16 needs a CUDA device that supports it; on CPU pass ``None``.
 
 Example:
-    >>> strategy = fsdp2(mixed_precision=None, activation_checkpointing=False)
+    >>> strategy = fsdp2(mixed_precision=None, activation_checkpointing=False)   # the fields of FSDP2Plan
     >>> type(strategy).__name__, strategy.plan.unit_names
     ('FSDP2Strategy', ('layers', 'blocks'))
     >>> # L.Trainer(accelerator="cpu", devices=2, strategy=strategy).fit(system)
@@ -41,8 +41,9 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -53,6 +54,7 @@ from torch import nn
 
 from chatumm_kit.config.errors import RecipeError
 from chatumm_kit.config.imports import check_allowed, resolve_callable
+from chatumm_kit.config.signatures import keyword_signature
 
 if TYPE_CHECKING:
     import lightning as L
@@ -114,6 +116,36 @@ def fsdp2_mixed_precision(mixed_precision: MixedPrecisionName, *, device_type: s
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class FSDP2Plan:
+    """How FSDP2 shards a model — the one definition of these settings (:func:`apply_fsdp2`, :class:`FSDP2Strategy`
+    and the :func:`fsdp2` factory all take them from here).
+
+    Attributes:
+        unit_names: attribute names of the layer lists whose elements become FSDP units (decoder layers, ViT blocks).
+        mixed_precision: ``"bf16"`` (CUDA with bf16 only) or ``None``; see :func:`fsdp2_mixed_precision`.
+        activation_checkpointing: recompute each outermost unit's activations in backward (leave the model's own
+            ``gradient_checkpointing`` off then: :func:`apply_fsdp2` refuses both).
+        reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3); ``False`` keeps them
+            until backward (ZeRO-2, more memory, less communication). The root never reshards after forward.
+        forward_methods: extra root methods that act as forward (``register_fsdp_forward_method``).
+    """
+
+    unit_names: tuple[str, ...] = ("layers", "blocks")
+    mixed_precision: MixedPrecisionName = "bf16"
+    activation_checkpointing: bool = True
+    reshard_after_forward: bool = True
+    forward_methods: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unit_names", tuple(self.unit_names))  # YAML gives lists
+        object.__setattr__(self, "forward_methods", tuple(self.forward_methods))
+        if self.mixed_precision not in ("bf16", None):
+            raise ValueError(f"FSDP2Plan.mixed_precision: expected 'bf16' or None, got {self.mixed_precision!r}")
+        if not self.unit_names:
+            raise ValueError("FSDP2Plan.unit_names: empty; name the layer lists to shard (e.g. ['layers'])")
+
+
 def _unit_names(
     module: nn.Module,
     *,
@@ -133,6 +165,12 @@ def _unit_names(
     return sorted(names, key=lambda n: n.count("."), reverse=True)
 
 
+def _checkpoints_itself(module: nn.Module) -> bool:
+    """Whether a kit component recomputes its own layers (``MoTBackbone``'s config, ``ViTEncoder``'s flag)."""
+    config = getattr(module, "config", None)
+    return bool(getattr(config, "gradient_checkpointing", False) or getattr(module, "gradient_checkpointing", False))
+
+
 def is_fsdp2_sharded(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` or any submodule."""
     from torch.distributed.fsdp import FSDPModule
@@ -144,42 +182,41 @@ def apply_fsdp2(
     module: nn.Module,
     *,
     device_mesh: DeviceMesh,
-    unit_names: Sequence[str] = ("layers", "blocks"),
+    plan: FSDP2Plan = FSDP2Plan(),  # noqa: B008 - frozen dataclass, safe as a default
     unit_types: Sequence[type[nn.Module]] = (),
     predicate: Callable[[str, nn.Module], bool] | None = None,
-    mixed_precision: MixedPrecisionName = "bf16",
-    activation_checkpointing: bool = True,
-    reshard_after_forward: bool = True,
-    forward_methods: Sequence[str] = (),
 ) -> list[str]:
     """Shard ``module`` with FSDP2: one unit per decoder layer / ViT block, then ``module`` itself as the root.
 
-    A submodule is a unit when it is element ``i`` of a container whose attribute name is in ``unit_names``
+    A submodule is a unit when it is element ``i`` of a container whose attribute name is in ``plan.unit_names``
     (``...layers.3``), an instance of ``unit_types``, or accepted by ``predicate(name, submodule)``. Units are
-    sharded deepest first, then the root takes every remaining parameter. With ``activation_checkpointing``, each
-    outermost unit recomputes its activations in backward (``torch.distributed._composable.checkpoint``, which adds
-    hooks and keeps parameter names and state-dict keys unchanged).
+    sharded deepest first, then the root takes every remaining parameter. With ``plan.activation_checkpointing``,
+    each outermost unit recomputes its activations in backward (``torch.distributed._composable.checkpoint``, which
+    adds hooks and keeps parameter names and state-dict keys unchanged).
 
     Args:
         module: the model (built, on any device; materialised or meta).
         device_mesh: 1-D data-parallel mesh (for Lightning's 2-D mesh pass ``mesh["data_parallel"]``).
-        unit_names, unit_types, predicate: what becomes an FSDP unit (see above).
-        mixed_precision: ``"bf16"`` (CUDA with bf16 only) or ``None``; see :func:`fsdp2_mixed_precision`.
-        activation_checkpointing: recompute each unit's activations in backward.
-        reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3); ``False`` keeps them
-            until backward (ZeRO-2, more memory, less communication). The root never reshards after forward.
-        forward_methods: extra root methods that act as forward (``register_fsdp_forward_method``).
+        plan: what to shard and how (:class:`FSDP2Plan`, the one place these settings are defined).
+        unit_types, predicate: further units (see above).
 
     Returns:
         The qualified names of the units, in the order they were sharded (root last, as ``""``).
 
     Example:
-        >>> apply_fsdp2(model, device_mesh=mesh, mixed_precision=None)  # doctest: +SKIP
+        >>> apply_fsdp2(model, device_mesh=mesh, plan=FSDP2Plan(mixed_precision=None))  # doctest: +SKIP
         ['layers.0', 'layers.1', '']
     """
     from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    if plan.activation_checkpointing:  # one setting in one place: never recompute a layer twice
+        doubled = [n or type(module).__name__ for n, m in module.named_modules() if _checkpoints_itself(m)]
+        if doubled:
+            raise ValueError(
+                f"apply_fsdp2(activation_checkpointing=True): {', '.join(doubled)} already checkpoint their own "
+                "layers (gradient_checkpointing=True); turn one of the two off"
+            )
     if is_fsdp2_sharded(module):
         raise ValueError(f"apply_fsdp2: {type(module).__name__} is already sharded (configure_model ran twice?)")
     if device_mesh.ndim != 1:
@@ -187,40 +224,23 @@ def apply_fsdp2(
             f"apply_fsdp2: expected a 1-D data-parallel mesh, got {device_mesh.ndim}-D {device_mesh.mesh_dim_names}; "
             "pass mesh['data_parallel']"
         )
-    mp = fsdp2_mixed_precision(mixed_precision, device_type=device_mesh.device_type)
+    mp = fsdp2_mixed_precision(plan.mixed_precision, device_type=device_mesh.device_type)
     kwargs: dict[str, Any] = {"mesh": device_mesh} | ({"mp_policy": mp} if mp is not None else {})
-    units = _unit_names(module, unit_names=unit_names, unit_types=unit_types, predicate=predicate)
-    if activation_checkpointing:
+    units = _unit_names(module, unit_names=plan.unit_names, unit_types=unit_types, predicate=predicate)
+    if plan.activation_checkpointing:
         for name in units:
             if not any(name.startswith(other + ".") for other in units):  # outermost units only
                 checkpoint(module.get_submodule(name))
     for name in units:
-        fully_shard(module.get_submodule(name), reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(module.get_submodule(name), reshard_after_forward=plan.reshard_after_forward, **kwargs)
     fully_shard(module, reshard_after_forward=False, **kwargs)  # the root is needed again at once in backward
-    for method in forward_methods:
+    for method in plan.forward_methods:
         if not callable(getattr(module, method, None)):
             raise AttributeError(
                 f"apply_fsdp2: forward_methods names {method!r}, not a method of {type(module).__name__}"
             )
         register_fsdp_forward_method(module, method)
     return [*units, ""]
-
-
-@dataclass(frozen=True)
-class FSDP2Plan:
-    """The :func:`apply_fsdp2` settings an :class:`FSDP2Strategy` applies to a LightningModule's children."""
-
-    unit_names: tuple[str, ...] = ("layers", "blocks")
-    mixed_precision: MixedPrecisionName = "bf16"
-    activation_checkpointing: bool = True
-    reshard_after_forward: bool = True
-    forward_methods: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.mixed_precision not in ("bf16", None):
-            raise ValueError(f"FSDP2Plan.mixed_precision: expected 'bf16' or None, got {self.mixed_precision!r}")
-        if not self.unit_names:
-            raise ValueError("FSDP2Plan.unit_names: empty; name the layer lists to shard (e.g. ['layers'])")
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -273,7 +293,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             >>> shard = getattr(self.trainer.strategy, "shard_model", None)  # doctest: +SKIP
             >>> if shard: shard(self.model)  # doctest: +SKIP
         """
-        units = apply_fsdp2(module, device_mesh=self.device_mesh["data_parallel"], **asdict(self.plan))
+        units = apply_fsdp2(module, device_mesh=self.device_mesh["data_parallel"], plan=self.plan)
         owner = self.lightning_module
         name = next((n for n, m in owner.named_modules() if m is module), None) if owner is not None else None
         self.sharded_units[name or type(module).__name__] = units
@@ -292,40 +312,36 @@ class FSDP2Strategy(ModelParallelStrategy):
             mesh = self.device_mesh["data_parallel"]
             for name, child in module.named_children():
                 if any(True for _ in child.parameters()):
-                    self.sharded_units[name] = apply_fsdp2(child, device_mesh=mesh, **asdict(self.plan))
+                    self.sharded_units[name] = apply_fsdp2(child, device_mesh=mesh, plan=self.plan)
         super().setup(trainer)
 
 
 def fsdp2(
-    *,
-    shard_unit_names: Sequence[str] = ("layers", "blocks"),
-    activation_checkpointing: bool = True,
-    mixed_precision: MixedPrecisionName = "bf16",
-    reshard_after_forward: bool = True,
-    forward_methods: Sequence[str] = (),
-    save_distributed_checkpoint: bool = True,
-    process_group_backend: str | None = None,
+    *, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None, **plan: Any
 ) -> FSDP2Strategy:
-    """An :class:`FSDP2Strategy` (a ``ModelParallelStrategy``) from flat YAML-friendly arguments.
+    """An :class:`FSDP2Strategy` (a ``ModelParallelStrategy``) from flat YAML-friendly arguments: ``plan`` are the
+    fields of :class:`FSDP2Plan` (its signature lists them), the rest :class:`FSDP2Strategy`'s.
 
     Example (YAML):
         trainer:
           strategy: {_component_: chatumm_kit.training.strategies.fsdp2, mixed_precision: bf16}
 
     Example:
-        >>> fsdp2(shard_unit_names=["layers"], mixed_precision=None).plan.unit_names
+        >>> fsdp2(unit_names=["layers"], mixed_precision=None).plan.unit_names
         ('layers',)
     """
-    plan = FSDP2Plan(
-        unit_names=tuple(shard_unit_names),
-        mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing,
-        reshard_after_forward=reshard_after_forward,
-        forward_methods=tuple(forward_methods),
-    )
     return FSDP2Strategy(
-        plan=plan, save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend
+        plan=FSDP2Plan(**plan),
+        save_distributed_checkpoint=save_distributed_checkpoint,
+        process_group_backend=process_group_backend,
     )
+
+
+fsdp2.__signature__ = keyword_signature(  # type: ignore[attr-defined]
+    FSDP2Plan,
+    inspect.Parameter("save_distributed_checkpoint", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool"),
+    inspect.Parameter("process_group_backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None"),
+)
 
 
 def fsdp_gpu(

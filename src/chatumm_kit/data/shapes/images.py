@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from chatumm_kit.data.shapes.generator import SceneGenerator
 from chatumm_kit.data.shapes.render import render_batch
@@ -55,17 +55,21 @@ class ShapesImageDataModule(L.LightningDataModule):
         super().__init__()
         self.config = WorldConfig(**(world or {}))
         self.train_size, self.val_size, self.batch_size, self.seed = train_size, val_size, batch_size, seed
-        self.train_images: torch.Tensor | None = None
-        self.val_images: torch.Tensor | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def make_set(self, n: int, *, seed: int) -> Dataset:
+        """``n`` items of ``seed``'s scenes: here ``[n, 3, H, W]`` images (subclasses add labels)."""
+        return render_images(n, config=self.config, seed=seed)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_images is None:
-            self.train_images = render_images(self.train_size, config=self.config, seed=self.seed)
-            self.val_images = render_images(self.val_size, config=self.config, seed=self.seed + 1)
+        if self.train_set is None:
+            self.train_set = self.make_set(self.train_size, seed=self.seed)
+            self.val_set = self.make_set(self.val_size, seed=self.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_images, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_images, batch_size=self.batch_size)
+        return DataLoader(self.val_set, batch_size=self.batch_size)
