@@ -250,7 +250,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sizing = checkpoint_view_sizing(args.checkpoint)  # the training data's view sizing (SPEC §4.1)
+    sizing = checkpoint_view_sizing(args.checkpoint, model=loaded.model)  # the training data's (SPEC §4.1)
     image_size = tuple(args.image_size) if args.image_size else (None if sizing else (32, 32))
     config = SessionConfig.for_model(loaded.model, image_size=image_size, view_sizing=sizing)
     session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config)

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config import instantiate
 from chatumm_kit.config.secrets import restore_env
+from chatumm_kit.data.packing import model_stream_settings
 from chatumm_kit.data.view_sizing import ViewSizing, view_sizing_of_data
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.presets import build_model, model_spec
@@ -110,14 +111,19 @@ def checkpoint_hyperparameters(checkpoint: str | Path) -> dict[str, Any]:
     return restore_env(dict(hparams))  # ${oc.env:VAR} stored in place of environment values → this machine's
 
 
-def checkpoint_view_sizing(checkpoint: str | Path) -> ViewSizing | None:
+def checkpoint_view_sizing(checkpoint: str | Path, *, model: ChatUMM | None = None) -> ViewSizing | None:
     """The view sizing the checkpoint's training data used (its ``data`` node, from the recipe ``chatumm train``
-    stores in every checkpoint), or ``None`` when the checkpoint carries no recipe with a ``data`` node."""
+    stores in every checkpoint), or ``None`` when the checkpoint carries no recipe with a ``data`` node. Stream
+    settings the data node leaves to the model (``vit_patch_size``, ``vae_token_stride``) are ``model``'s."""
     recipe = _metadata_of(Path(checkpoint)).get("recipe")
     if not isinstance(recipe, str):
         return None
     data = OmegaConf.to_container(OmegaConf.create(recipe)).get("data")
-    return view_sizing_of_data(data) if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping):
+        return None
+    if model is not None and data.get("view_sizing") is None:
+        data = {**model_stream_settings(model), **{k: v for k, v in data.items() if v is not None}}
+    return view_sizing_of_data(data)
 
 
 def checkpoint_has_ema(checkpoint: str | Path) -> bool:
