@@ -144,6 +144,8 @@ def bagel(tmp_path_factory):
         "system.adapter.rank=4",
         "system.schedule.warmup_steps=1",
         "system.optimizer.lr=2.0e-2",  # two steps that move the adapter well past bf16 rounding
+        "data.vit_patch_size=4",  # the tiny release: ViT patch 4 (4 per side), 2x VAE x latent patch 2
+        "data.vae_token_stride=4",
         "data.max_image_side=16",
         "data.token_budget=2048",
         "data.max_sample_tokens=2048",

@@ -53,6 +53,9 @@ def _names(prefix: str, *attrs: str) -> tuple[str, ...]:
 _KIT: tuple[str, ...] = (
     # systems and models (model specs name a preset; BAGEL-shaped models are built from component arguments)
     *_names("chatumm_kit.systems.unified", "ChatUMMSystem"),
+    *_names("chatumm_kit.systems.text_lm", "TextLMSystem"),
+    *_names("chatumm_kit.systems.vit_probe", "ViTProbeSystem"),
+    *_names("chatumm_kit.systems.autoencoder", "AutoencoderSystem"),
     *_names("chatumm_kit.presets", "chatumm_tiny", "chatumm_bagel_7b"),
     *_names("chatumm_kit.convert.bagel", "chatumm_bagel", "kit_folder"),
     *_names("chatumm_kit.model", "ChatUMM"),
@@ -74,6 +77,8 @@ _KIT: tuple[str, ...] = (
     ),
     *_names("chatumm_kit.data.shapes", "WorldConfig", "world_words"),
     *_names("chatumm_kit.data.shapes.images", "ShapesImageDataModule"),
+    *_names("chatumm_kit.data.shapes.probe", "ShapesProbeDataModule"),
+    *_names("chatumm_kit.data.text", "TextLMDataModule"),
     # training: prepare steps, callbacks, schedules, optimizer specs, strategies
     *_names(
         "chatumm_kit.training.prepare", "ensure_synthesised", "ensure_trained", "ensure_tokenizer", "ensure_exported"

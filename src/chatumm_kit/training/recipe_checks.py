@@ -112,8 +112,11 @@ def stream_problems(model: Any, data: dict[str, Any]) -> list[str]:
     """Where the data module's view sizing disagrees with ``model`` (a :class:`~chatumm_kit.model.ChatUMM`): the ViT
     patch and VAE token stride must be the model's, and the largest view must fit its position tables — the rule
     ``ChatUMMSystem.on_fit_start`` applies (:meth:`~chatumm_kit.data.view_sizing.ViewSizing.check_tables`)."""
+    from chatumm_kit.data.packing import model_stream_settings
     from chatumm_kit.data.view_sizing import view_sizing_of_data
 
+    if data.get("view_sizing") is None:  # settings the data node leaves out are the model's (use_model_settings)
+        data = {**model_stream_settings(model), **{k: v for k, v in data.items() if v is not None}}
     try:
         sizing = view_sizing_of_data(data)
     except (TypeError, ValueError):
