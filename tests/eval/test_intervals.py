@@ -27,6 +27,15 @@ def test_wilson_matches_hand_computed_values(k, n, low, high):
     assert ci.low == pytest.approx(low, abs=2e-4) and ci.high == pytest.approx(high, abs=2e-4)
 
 
+def test_wilson_interval_always_holds_the_observed_rate():
+    # at 0/n and n/n rounding once left low a hair above 0 (and high below 1): the plot's error bars went negative
+    for n in range(1, 300):
+        for k in (0, n // 3, n):
+            ci = wilson(k, n)
+            assert ci.low <= k / n <= ci.high
+        assert wilson(0, n).low == 0.0 and wilson(n, n).high == 1.0
+
+
 def test_wilson_of_no_turns_is_none_and_bad_counts_are_refused():
     assert wilson(0, 0) is None
     with pytest.raises(ValueError, match="successes must be in"):

@@ -72,7 +72,9 @@ def wilson(successes: float, n: int, *, z: float = Z95) -> Interval | None:
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return Interval(low=max(0.0, centre - half), high=min(1.0, centre + half))
+    # The interval holds p exactly: at p = 0 or 1 rounding can leave centre ∓ half a hair inside, which would make
+    # the plot's error-bar lengths (p − low, high − p) negative.
+    return Interval(low=min(p, max(0.0, centre - half)), high=max(p, min(1.0, centre + half)))
 
 
 def _sums(groups: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
