@@ -50,7 +50,7 @@ from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Ro
 from chatumm_kit.data.packing import CFGDropRates, Packer  # noqa: E402
 from chatumm_kit.training.losses import objective  # noqa: E402
 from chatumm_kit.training.plan import GIB, RunShape, plan_training  # noqa: E402
-from chatumm_kit.training.strategies import apply_fsdp2  # noqa: E402
+from chatumm_kit.training.strategies import FSDP2Plan, apply_fsdp2  # noqa: E402
 
 RECIPE = "bagel_7b/sft_chat_fsdp"
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         system.configure_model()  # random init, on the device; master_dtype fp32 as the recipe says
     model = system.model.train()
     mesh = init_device_mesh(device.type, (1,))
-    apply_fsdp2(model, device_mesh=mesh, mixed_precision=mixed,
-                activation_checkpointing=bool(strategy.activation_checkpointing))  # fmt: skip
+    apply_fsdp2(model, device_mesh=mesh,
+                plan=FSDP2Plan(mixed_precision=mixed, activation_checkpointing=bool(strategy.activation_checkpointing)))  # fmt: skip
     optimizer = system.configure_optimizers()["optimizer"]
     batch = batch.to(device)
     generator = torch.Generator().manual_seed(0)
