@@ -162,11 +162,15 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mode",
-        choices=("auto", "text", "image", "edit"),
+        choices=("auto", "text", "image", "edit", "think", "think_text", "think_image", "think_edit"),
         default="auto",
         help="task of every reply: auto = the model predicts it; text (VQA), image (text-to-image), edit (output "
-        "takes the edited image's size) force it, as a converted BAGEL needs",
+        "takes the edited image's size) force it, as a converted BAGEL needs; think_text / think_image / think_edit "
+        "reason inside <think> </think> first (BAGEL's think mode), think lets the predicted intent pick the output",
     )
+    p.add_argument("--system", help="a system prompt the conversation starts with")
+    p.add_argument("--think-image-prompt", help="system prompt of think mode before an image (default BAGEL's)")
+    p.add_argument("--think-text-prompt", help="system prompt of think mode before a text answer (default BAGEL's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy text decoding")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -216,6 +220,7 @@ def chat_sampler_config(args: argparse.Namespace) -> SamplerConfig:
 def _run_chat(args: argparse.Namespace) -> int:
     """``chatumm chat``: load the checkpoint, build the session, hand it to the chat loop of
     :mod:`chatumm_kit.inference.chat_loop` (interactive on stdin, or ``--script``)."""
+    import dataclasses
     from pathlib import Path
 
     from chatumm_kit.inference.chat_loop import interactive, play_script
@@ -229,6 +234,11 @@ def _run_chat(args: argparse.Namespace) -> int:
         check_reply_options(top_p=1.0, max_segments=4, **respond_kwargs)
         if args.image_size:
             SessionConfig(image_size=tuple(args.image_size))
+        prompts = {"think_image_prompt": args.think_image_prompt, "think_text_prompt": args.think_text_prompt}
+        think_prompts = {k: v for k, v in prompts.items() if v is not None}
+        SessionConfig(**think_prompts)  # an empty prompt fails here, before the load
+        if args.system is not None and not args.system:
+            raise ValueError("--system: the system prompt is empty")
         if args.script and not Path(args.script).is_file():
             raise ValueError(f"no such script file: {args.script}")
         import torch
@@ -253,7 +263,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     sizing = checkpoint_view_sizing(args.checkpoint, model=loaded.model)  # the training data's (SPEC §4.1)
     image_size = tuple(args.image_size) if args.image_size else (None if sizing else (32, 32))
     config = SessionConfig.for_model(loaded.model, image_size=image_size, view_sizing=sizing)
-    session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config)
+    config = dataclasses.replace(config, **think_prompts)
+    session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config, system=args.system)
     out = Path(args.out)
     if args.script:
         try:

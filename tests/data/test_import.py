@@ -174,7 +174,11 @@ def test_imported_dialogues_and_pixels_are_exact(imported: dict, photos: dict) -
 
     oa = samples["line-6"]
     t = oa.dialogue.turns
-    assert t[0].segments[0] == TextSegment(text="You are helpful.", droppable=True)  # system folded into turn 0
+    # the system message is a system turn of its own: text only, never marked droppable (text-unconditional CFG
+    # keeps it, SPEC §4.1); the user turn after it is marked as before
+    assert t[0].role is Role.SYSTEM and t[0].segments == [TextSegment(text="You are helpful.")]
+    t = t[1:]
+    assert t[0].segments[0] == TextSegment(text="Edit this:", droppable=True)
     assert [s.image for s in t[0].segments if isinstance(s, ImageSegment)] == ["img0"]
     assert torch.equal(oa.images["img0"], px["small"])  # the data URL
     assert t[1].segments == [ImageSegment(image="img1")] and t[3].trainable is False
@@ -247,8 +251,20 @@ def test_datamodule_reads_imported_shards_into_batches(imported: dict) -> None:
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
             1,
+            None,
+            "a system message with no user message after it",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "b"}, {"role": "assistant", "content": "a"}]},
+            1,
             "messages[1]",
-            "only allowed before the first user message",
+            "must be followed by a user message",
+        ),
+        (
+            {"messages": [{"role": "system", "content": [{"type": "image", "image": "x.png"}]}]},
+            0,
+            "messages[0]",
+            "cannot hold an image",
         ),
         ({"turns": [{"role": "user", "segments": [{"type": "video"}]}], "id": "k"}, 0, "turns", "segment 0"),
         ({"turns": [], "messages": []}, None, None, "found 'turns' and 'messages'"),

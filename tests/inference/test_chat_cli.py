@@ -157,3 +157,28 @@ def test_chat_device_and_dtype(trained_checkpoint, tmp_path, capsys):
     assert main(["chat", str(trained_checkpoint), *flags]) == 0, capsys.readouterr().err
     assert main(["chat", str(trained_checkpoint), "--device", "gpu0"]) == 2
     assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
+
+
+def test_chat_think_modes_and_system_prompts(trained_checkpoint, tmp_path, capsys):
+    script = tmp_path / "think.jsonl"
+    lines = [
+        {"user": "Draw a circle."},  # --mode think_image
+        {"user": "What colour is it?", "respond": {"mode": "think_text", "max_new_tokens": 4}},
+        {"rollback": 4},  # forget the think_text reply and the system turn it put before its question
+        {"user": "Is it red?", "respond": {"mode": "text"}},
+    ]
+    script.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    flags = ["--script", str(script), "--out", str(out), "--steps", "2", "--max-new-tokens", "3"]
+    flags += ["--mode", "think_image", "--system", "Be brief.", "--think-image-prompt", "Plan first."]
+    code = main(["chat", str(trained_checkpoint), *flags])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert [r["intents"] for r in records] == [["text", "image", "end"], ["text", "end"], ["text", "end"]]
+    # turns: 0 system "Be brief.", 1 system "Plan first.", 2 user, 3 reply; then 4 system (BAGEL's text prompt), 5
+    # user, 6 reply — rolled back from 4 on; the last line has no think prompt before it
+    assert [r["turn"] for r in records] == [3, 6, 5]
+    assert records[0]["think"] and records[0]["text"] == "" and len(records[0]["images"]) == 1
+    assert records[2]["think"] == ""
+    assert main(["chat", str(trained_checkpoint), "--think-text-prompt", ""]) == 2
+    assert "think_text_prompt must be a non-empty string" in capsys.readouterr().err

@@ -38,7 +38,7 @@ __all__ = ["SpecialTokens", "ChatTokenizer", "TokenizerError", "TOKENIZER_FILE",
 TOKENIZER_FILE = "tokenizer.json"
 SIDECAR_FILE = "chatumm_tokenizer.json"  # role → token-name map and template, so roles survive save/load
 _SIDECAR_FORMAT = "chatumm_tokenizer/v1"
-_ROLES = ("user", "assistant")
+_ROLES = ("user", "assistant", "system")
 
 
 class TokenizerError(ValueError):
@@ -233,8 +233,11 @@ class ChatTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def role_prefix(self, role: str) -> str:
-        """The template prefix of ``role`` (``"user"`` or ``"assistant"``; a ``Role`` enum works too)."""
+        """The template prefix of ``role`` (``"user"``, ``"assistant"`` or ``"system"``; a ``Role`` enum works too).
+        A system turn has none: BAGEL enters its system prompt as plain text (SPEC §4.1)."""
         key = getattr(role, "value", role)
+        if key == "system":
+            return ""
         if key not in self._prefix:
             raise ValueError(f"unknown role {role!r}; expected one of {_ROLES}")
         return self._prefix[key]

@@ -1,12 +1,21 @@
 """The dialogue schema: what a conversation is before it becomes a token stream (SPEC §2).
 
-A :class:`Dialogue` is an ordered list of :class:`Turn` s. A turn belongs to the user or the assistant and holds an
-ordered list of segments: :class:`TextSegment` or :class:`ImageSegment`. Images are referenced by key; the pixels
+A :class:`Dialogue` is an ordered list of :class:`Turn` s. A turn belongs to the user, the assistant or the system and
+holds an ordered list of segments: :class:`TextSegment` or :class:`ImageSegment`. Images are referenced by key; the pixels
 travel beside the JSON (in a shard, ``{key}.png``) and meet the dialogue again in a :class:`DialogueSample`.
 
 An image's role follows from its turn: in a user turn it is an *input* (clean VAE + ViT views); in an assistant
 turn it is a *generated target* (noised VAE for the loss, then clean VAE + ViT) when the turn is ``trainable``, and
 plain clean context otherwise (a history replayed at inference).
+
+A **system** turn holds text only (instructions such as BAGEL's think prompt, SPEC §4.1). It enters the stream like
+any text segment (``im_s`` … ``im_e``, no role prefix), as BAGEL enters its system prompt before the request, and is
+never a training target. It may stand anywhere before a user turn (not directly before an assistant turn); the first
+turn that is not a system turn is a user turn.
+
+A text segment of an assistant turn may be **think** text (``TextSegment(think=True)``): the reasoning BAGEL's think
+mode decodes inside ``<think> … </think>`` before an image. In the stream it is an ordinary text segment (trained
+like any assistant text); at inference it enters the full context only, never a CFG context (SPEC §4.1).
 
 Example:
     >>> d = Dialogue(id="d0", turns=[
@@ -47,14 +56,21 @@ class DialogueError(ValueError):
 class Role(str, Enum):
     USER = "user"
     ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+_ROLE_NAMES = "'user', 'assistant' or 'system'"
 
 
 @dataclass(frozen=True)
 class TextSegment:
-    """A text segment. ``droppable`` marks it for CFG condition dropout during training (SPEC §4)."""
+    """A text segment. ``droppable`` marks it for CFG condition dropout during training (SPEC §4); ``think`` marks an
+    assistant's reasoning (think mode, SPEC §4.1: at inference it is in the full context only, never in a CFG
+    context)."""
 
     text: str
     droppable: bool = False
+    think: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,8 @@ class Turn:
         role: who speaks.
         segments: ordered text and image segments.
         trainable: for assistant turns, whether the turn is supervised (CE on its text and intents, MSE on its
-            images). An untrained assistant turn is context only. Ignored for user turns, which are never supervised.
+            images). An untrained assistant turn is context only. Ignored for user and system turns, which are never
+            supervised.
         meta: JSON-able extras (taxonomy tags, ground truth for evaluation); not used by the packer.
     """
 
@@ -130,22 +147,33 @@ class Dialogue:
         for i, turn in enumerate(self.turns):
             at = f"{where} turn {i}"
             if not isinstance(turn.role, Role):
-                raise DialogueError(f"{at}: unknown role {turn.role!r} (expected 'user' or 'assistant')")
+                raise DialogueError(f"{at}: unknown role {turn.role!r} (expected {_ROLE_NAMES})")
             if not turn.segments:
                 raise DialogueError(f"{at} ({turn.role.value}): has no segments")
+            if turn.role is Role.ASSISTANT and i > 0 and self.turns[i - 1].role is Role.SYSTEM:
+                raise DialogueError(
+                    f"{at}: an assistant turn cannot follow a system turn (a user turn must come first)"
+                )
             for j, seg in enumerate(turn.segments):
                 if isinstance(seg, TextSegment):
                     if not seg.text:
                         raise DialogueError(f"{at} segment {j}: empty text")
+                    if seg.think and turn.role is not Role.ASSISTANT:
+                        raise DialogueError(f"{at} segment {j}: think text belongs to assistant turns only")
                 elif isinstance(seg, ImageSegment):
+                    if turn.role is Role.SYSTEM:
+                        raise DialogueError(f"{at} segment {j}: a system turn holds text only, not an image")
                     if available is not None and seg.image not in available:
                         raise DialogueError(
                             f"{at} segment {j}: image {seg.image!r} does not resolve (have {sorted(available)})"
                         )
                 else:
                     raise DialogueError(f"{at} segment {j}: not a segment: {seg!r}")
-        if self.turns[0].role is not Role.USER:
-            raise DialogueError(f"{where} turn 0: a dialogue must start with a user turn")
+        first = next((i for i, t in enumerate(self.turns) if t.role is not Role.SYSTEM), None)
+        if first is not None and self.turns[first].role is not Role.USER:
+            raise DialogueError(
+                f"{where} turn {first}: a dialogue must start with a user turn (after any system turns)"
+            )
 
     @property
     def image_keys(self) -> list[str]:
@@ -164,6 +192,8 @@ class Dialogue:
             for s in t.segments:
                 if isinstance(s, TextSegment):
                     d: dict[str, Any] = {"type": "text", "text": s.text}
+                    if s.think:
+                        d["think"] = True
                 else:
                     d = {"type": "image", "image": s.image}
                 if s.droppable:
@@ -202,7 +232,7 @@ class Dialogue:
             try:
                 role = Role(rt.get("role"))
             except (ValueError, TypeError):
-                raise DialogueError(f"{at}: unknown role {rt.get('role')!r} (expected 'user' or 'assistant')") from None
+                raise DialogueError(f"{at}: unknown role {rt.get('role')!r} (expected {_ROLE_NAMES})") from None
             raw_segments = rt.get("segments")
             if not isinstance(raw_segments, list):
                 raise DialogueError(f"{at}: 'segments' must be a list, got {type(raw_segments).__name__}")
@@ -210,8 +240,13 @@ class Dialogue:
             for j, rs in enumerate(raw_segments):
                 kind = rs.get("type") if isinstance(rs, dict) else None
                 if kind == "text" and isinstance(rs.get("text"), str):
+                    where = f"{at} segment {j}"
                     segs.append(
-                        TextSegment(text=rs["text"], droppable=_flag(rs, "droppable", False, f"{at} segment {j}"))
+                        TextSegment(
+                            text=rs["text"],
+                            droppable=_flag(rs, "droppable", False, where),
+                            think=_flag(rs, "think", False, where),
+                        )
                     )
                 elif kind == "image" and isinstance(rs.get("image"), str):
                     segs.append(

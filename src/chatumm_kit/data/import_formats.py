@@ -14,8 +14,8 @@ Three layouts (``auto`` picks per line by its key: ``turns`` → kit, ``conversa
 
 ``REF`` is an image reference: a path relative to the images folder (or absolute), a ``file://`` URL, or a
 ``data:image/...;base64,...`` URL (:mod:`chatumm_kit.data.image_files` reads it). Roles ``human``/``user`` and
-``gpt``/``assistant`` are accepted in both LLaVA and OpenAI layouts. A ``system`` message is only allowed before the
-first user message; its text becomes the first text segment of that user turn (the kit's stream has no system role).
+``gpt``/``assistant`` are accepted in both LLaVA and OpenAI layouts. A ``system`` message becomes a system turn
+(text only, never trained on, entered like BAGEL's system prompt); it must be followed by a user message.
 
 A parsed dialogue still holds the references in its :class:`ImageSegment` s; the importer reads the pixels and renames
 them ``img0, img1, ...``. Every problem raises :class:`DialogueImportError` naming the line, the turn (its index in the
@@ -151,10 +151,10 @@ def _dialogue_id(data: dict[str, Any], line: int) -> str:
     raise DialogueImportError(f"'id' must be a string or an integer, got {type(raw).__name__}", line=line, field="id")
 
 
-def _role(raw: Any, *, line: int, turn: int, field_name: str) -> Role | None:
-    """The role of one input turn; ``None`` for ``system``."""
+def _role(raw: Any, *, line: int, turn: int, field_name: str) -> Role:
+    """The role of one input turn."""
     if raw == "system":
-        return None
+        return Role.SYSTEM
     if isinstance(raw, str) and raw in _ROLES:
         return _ROLES[raw]
     expected = ", ".join(repr(k) for k in [*_ROLES, "system"])
@@ -164,45 +164,33 @@ def _role(raw: Any, *, line: int, turn: int, field_name: str) -> Role | None:
 
 
 class _TurnCollector:
-    """Builds turns in input order, folding a leading system text into the first user turn."""
+    """Builds turns in input order; a system message becomes a system turn that a user message must follow."""
 
     def __init__(self, line: int) -> None:
         self.line = line
         self.turns: list[Turn] = []
         self.input_turns: list[int] = []
-        self.system: list[Segment] = []
-        self.system_turn: int | None = None
+        self.system_turn: int | None = None  # input index of a system message still waiting for its user message
         self.image_fields: dict[str, tuple[int, str]] = {}
 
-    def add(self, role: Role | None, segments: list[Segment], *, turn: int, field_name: str, trainable: bool = True):
-        if role is None:
-            if self.turns:
-                raise DialogueImportError(
-                    "a system message is only allowed before the first user message (the kit's stream has no "
-                    "system role; a leading one is folded into the first user turn)",
-                    line=self.line,
-                    turn=turn,
-                    field=field_name,
-                )
+    def add(self, role: Role, segments: list[Segment], *, turn: int, field_name: str, trainable: bool = True):
+        if role is Role.SYSTEM:
             if any(isinstance(s, ImageSegment) for s in segments):
                 raise DialogueImportError(
                     "a system message cannot hold an image", line=self.line, turn=turn, field=field_name
                 )
-            self.system.extend(segments)
             self.system_turn = turn
-            return
-        if self.system:
+        elif self.system_turn is not None:
             if role is not Role.USER:
                 raise DialogueImportError(
                     "a system message must be followed by a user message", line=self.line, turn=turn, field=field_name
                 )
-            segments = [*self.system, *segments]
-            self.system = []
+            self.system_turn = None
         self.turns.append(Turn(role=role, segments=segments, trainable=trainable))
         self.input_turns.append(turn)
 
     def finish(self, fmt: ImportFormat, dialogue_id: str) -> ParsedDialogue:
-        if self.system:
+        if self.system_turn is not None:
             raise DialogueImportError(
                 "a system message with no user message after it", line=self.line, turn=self.system_turn
             )

@@ -114,7 +114,7 @@ def respond_batch(
             task.close()  # an unfinished reply restores its session (a finished or unstarted one: no-op)
         for session, reply in zip(sessions, replies):
             if reply is not None:
-                session.rollback(reply.turn_index)
+                session.undo(reply)  # its turn, and the system turn a think mode put before the user block
         raise
     return replies  # type: ignore[return-value]
 

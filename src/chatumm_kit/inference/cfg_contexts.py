@@ -119,6 +119,14 @@ class GuidanceContexts:
             if ctx is not None:
                 self.runner.prefill(ctx, chunk, [True] * len(chunk))
 
+    def fork_shared(self) -> None:
+        """Store a copy of ``full`` for each unconditional context that shares it, before ``full`` gets what they must
+        not hold (the think text of a reply, SPEC §4.1)."""
+        if self.text_uncond is None:
+            self.text_uncond = self.full.fork()
+        if self.image_uncond is None:
+            self.image_uncond = self.full.fork()
+
     def stored(self) -> tuple[CacheContext, CacheContext | None, CacheContext | None]:
         """``(full, text_uncond, image_uncond)`` with ``None`` for a context shared with ``full``."""
         return self.full, self.text_uncond, self.image_uncond

@@ -92,6 +92,8 @@ def interactive(
             session.rollback(turn)
             write.write(f"error: the reply failed: {type(e).__name__}: {e}\n")
             continue
+        if reply.think and reply.think != reply.text:
+            write.write(f"assistant (think): {reply.think}\n")
         if reply.text:
             write.write(f"assistant: {reply.text}\n")
         for i, img in enumerate(reply.images):

@@ -143,6 +143,7 @@ def play_line(
         "turn": reply.turn_index,
         "user": text,
         "text": reply.text,
+        "think": reply.think,
         "images": written,
         "intents": reply.intents,
         "finished": reply.finished,
@@ -167,7 +168,8 @@ def run_script(
         base_dir: folder that relative image paths in the script are resolved against.
 
     Returns:
-        Per reply: ``{"line", "turn", "user", "text", "images" (written paths), "intents", "finished"}``.
+        Per reply: ``{"line", "turn", "user", "text", "think" (the reasoning of a think mode, else ``""``),
+        "images" (written paths), "intents", "finished"}``.
 
     Raises:
         ValueError: naming the first bad line (:func:`play_line`); ``chatumm chat --script`` reports it and goes on.

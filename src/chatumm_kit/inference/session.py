@@ -72,7 +72,7 @@ from chatumm_kit.inference.cfg_contexts import (
     keep_image_uncond,
     keep_text_uncond,
 )
-from chatumm_kit.inference.context import StreamRunner, to_uint8
+from chatumm_kit.inference.context import EmbeddedChunk, StreamRunner, to_uint8
 from chatumm_kit.inference.decoding import choose_token
 from chatumm_kit.inference.sampler import EulerIntegrator, SamplerConfig
 from chatumm_kit.inference.steps import (
@@ -84,11 +84,18 @@ from chatumm_kit.inference.steps import (
     run_alone,
     run_together,
 )
+from chatumm_kit.inference.think import (
+    BAGEL_THINK_IMAGE_PROMPT,
+    BAGEL_THINK_TEXT_PROMPT,
+    THINK_END,
+    THINK_OUTPUT,
+    split_think,
+)
 from chatumm_kit.model import ChatUMM
 
 __all__ = ["REPLY_MODES", "AssistantReply", "ChatSession", "SessionConfig", "SessionContexts", "check_reply_options"]
 
-REPLY_MODES = ("auto", "text", "image", "edit")
+REPLY_MODES = ("auto", "text", "image", "edit", "think", "think_text", "think_image", "think_edit")
 """Task modes of :meth:`ChatSession.respond` (SPEC §4.1: a converted, not yet fine-tuned BAGEL must be told the task).
 
 ``auto``: the model predicts every intent (SPEC §2). ``text``: the reply's opening marker is forced to ``im_s`` and
@@ -96,7 +103,13 @@ the turn ends after that one text segment (VQA / understanding). ``image``: the 
 (text-to-image), one image, then the turn ends. ``edit``: as ``image``, but the output takes the size of the
 VAE view of the conversation's most recent image (the user's, or one generated earlier) (BAGEL: an edit's output takes the VAE-resized input's size); the
 block must hold an image. A forced reply lays out exactly the stream ``auto`` lays out when the model predicts the
-same intent, so the three contexts hold the same things."""
+same intent, so the three contexts hold the same things.
+
+``think``, ``think_text``, ``think_image``, ``think_edit``: BAGEL's think mode (``inference/think.py``). A system turn
+with the think prompt is put right before the pending user block (unless that very prompt is already there), the
+reasoning is decoded, then the output of ``text`` / ``image`` / ``edit`` follows (``think``: the predicted intent
+picks text or image). The reasoning before an image is a think segment, in the full context only while that image
+is sampled; afterwards it is ordinary assistant text in every context that keeps assistant text."""
 
 SESSION_FILE = "session.json"
 _FORMAT = "chatumm_session/v1"
@@ -154,6 +167,10 @@ class SessionConfig:
         edits_at_input_size: an image reply to a user turn (block) that holds an image comes out at the size of
             that image's VAE view — the last one given — as BAGEL answers edits (SPEC §4.1); otherwise, and when
             off, at ``image_size``.
+        think_image_prompt: the system prompt of think mode before an image (``think_image``, ``think_edit``);
+            default BAGEL's (:data:`~chatumm_kit.inference.think.BAGEL_THINK_IMAGE_PROMPT`).
+        think_text_prompt: the system prompt of think mode before a text answer (``think_text``); default BAGEL's
+            (:data:`~chatumm_kit.inference.think.BAGEL_THINK_TEXT_PROMPT`).
 
     Example:
         >>> SessionConfig(vit_patch_size=8, vae_token_stride=8, max_image_side=32, image_size=(32, 32)).image_size
@@ -169,6 +186,8 @@ class SessionConfig:
     dialogue_id: str = "chat"
     view_sizing: ViewSizing | None = None
     edits_at_input_size: bool = True
+    think_image_prompt: str = BAGEL_THINK_IMAGE_PROMPT
+    think_text_prompt: str = BAGEL_THINK_TEXT_PROMPT
 
     @property
     def sizing(self) -> ViewSizing:
@@ -188,6 +207,9 @@ class SessionConfig:
         for name in ("vit_patch_size", "vae_token_stride", "max_image_side"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SessionConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("think_image_prompt", "think_text_prompt"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"SessionConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.view_sizing is not None:
             object.__setattr__(self, "view_sizing", coerce_view_sizing(self.view_sizing, where="SessionConfig"))
         self.sizing  # noqa: B018 - checks the strides against view_sizing now, not at the first image
@@ -248,6 +270,7 @@ class AssistantReply:
         intents: predicted opening markers in order: ``"text"``, ``"image"``, and ``"end"`` if the model ended
             the turn.
         finished: True if the model predicted ``<|end|>``; False if ``max_segments`` stopped it.
+        system_turn: index of the system turn a think mode put before the user block (None: it put none).
     """
 
     turn_index: int
@@ -256,11 +279,19 @@ class AssistantReply:
     image_keys: list[str] = field(default_factory=list)
     intents: list[str] = field(default_factory=list)
     finished: bool = True
+    system_turn: int | None = None
 
     @property
     def text(self) -> str:
-        """The reply's text segments joined with a space."""
-        return " ".join(s.text for s in self.segments if isinstance(s, TextSegment))
+        """The reply's text segments (think segments left out) joined with a space."""
+        return " ".join(s.text for s in self.segments if isinstance(s, TextSegment) and not s.think)
+
+    @property
+    def think(self) -> str:
+        """The reasoning of a think reply: its think segments, or the ``<think> … </think>`` opening of its text
+        (``think_text`` decodes reasoning and answer as one text, as BAGEL does); ``""`` when there is none."""
+        spans = [s.text for s in self.segments if isinstance(s, TextSegment) and s.think]
+        return " ".join(spans) if spans else split_think(self.text)[0]
 
 
 @dataclass(frozen=True)
@@ -270,6 +301,19 @@ class _Task:
 
     mode: str
     vae_size: tuple[int, int] | None
+
+    def plan(self, tok: ChatTokenizer) -> list[tuple[int, bool]] | None:
+        """The forced segments ``(opening marker, is think text)`` before ``<|end|>``; None: the model predicts them
+        (``auto``; ``think`` is resolved to ``think_text`` / ``think_image`` before the reply starts)."""
+        return {
+            "auto": None,
+            "text": [(tok.im_start_id, False)],
+            "image": [(tok.vision_start_id, False)],
+            "edit": [(tok.vision_start_id, False)],
+            "think_text": [(tok.im_start_id, False)],
+            "think_image": [(tok.im_start_id, True), (tok.vision_start_id, False)],
+            "think_edit": [(tok.im_start_id, True), (tok.vision_start_id, False)],
+        }[self.mode]
 
 
 @dataclass(frozen=True)
@@ -287,6 +331,7 @@ class ChatSession:
         model: the model; it is put in eval mode.
         tokenizer: the chat tokenizer the model was trained with.
         config: stream settings (:class:`SessionConfig`).
+        system: a system prompt the conversation starts with (:meth:`add_system`); None: none.
 
     Attributes:
         dialogue: the conversation so far (every turn ``trainable=False``; assistant turns carry
@@ -307,7 +352,14 @@ class ChatSession:
         >>> session.rollback(1); session.save("chat1")                             # doctest: +SKIP
     """
 
-    def __init__(self, *, model: ChatUMM, tokenizer: ChatTokenizer, config: SessionConfig = SessionConfig()) -> None:
+    def __init__(
+        self,
+        *,
+        model: ChatUMM,
+        tokenizer: ChatTokenizer,
+        config: SessionConfig = SessionConfig(),
+        system: str | None = None,
+    ) -> None:
         if config.vit_patch_size != model.vit_patch_size:
             raise ValueError(
                 f"SessionConfig.vit_patch_size={config.vit_patch_size} but the model's ViT patch is "
@@ -336,6 +388,8 @@ class ChatSession:
         )
         self.runner = StreamRunner(model=model, packer=self.packer)
         self.reset()
+        if system is not None:
+            self.add_system(system)
 
     def reset(self) -> None:
         """Forget the whole conversation."""
@@ -385,6 +439,18 @@ class ChatSession:
         """
         return self.add_turn(Role.USER, [*images, *([text] if text is not None else [])])
 
+    def add_system(self, text: str) -> int:
+        """Append a system turn (text only, e.g. instructions; SPEC §4.1: BAGEL enters its system prompt as plain text
+        before the request). It goes at the start or after an assistant (or system) turn, before the user turn it
+        instructs — not inside a user block. Returns its index.
+
+        Example:
+            >>> session.add_system("Answer in one word."); session.add_user("what colour is it")   # doctest: +SKIP
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"add_system: the system prompt must be a str, got {type(text).__name__}")
+        return self.add_turn(Role.SYSTEM, [text])
+
     def add_assistant(self, text: str | None = None, images: Sequence[torch.Tensor] = ()) -> int:
         """Append a known assistant turn (history replay): its images first, then its text. Returns its index."""
         return self.add_turn(Role.ASSISTANT, [*images, *([text] if text is not None else [])])
@@ -403,6 +469,8 @@ class ChatSession:
                     raise ValueError(f"add_turn: {role.value} part {j} is an empty string")
                 segments.append(TextSegment(text=part))
             elif isinstance(part, torch.Tensor):
+                if role is Role.SYSTEM:
+                    raise ValueError(f"add_turn: a system turn holds text only (part {j} is an image)")
                 key = self._new_image_key(taken=new_images)
                 new_images[key] = part.detach().cpu()
                 segments.append(ImageSegment(image=key))
@@ -414,14 +482,23 @@ class ChatSession:
         self, turn: Turn, new_images: dict[str, torch.Tensor], text_ids: Sequence[Sequence[int] | None] | None
     ) -> int:
         k = self.num_turns
-        if k == 0 and turn.role is not Role.USER:
-            raise ValueError("ChatSession: a conversation must start with a user turn")
+        before = self.dialogue.turns[-1].role if k else None
+        speaker = next((t.role for t in reversed(self.dialogue.turns) if t.role is not Role.SYSTEM), None)
+        if turn.role is Role.ASSISTANT and speaker is None:
+            raise ValueError("ChatSession: a conversation must start with a user turn (after any system turns)")
+        if turn.role is Role.ASSISTANT and before is Role.SYSTEM:
+            raise ValueError("ChatSession: an assistant turn cannot follow a system turn (add a user turn first)")
+        if turn.role is Role.SYSTEM and before is Role.USER:
+            raise ValueError(
+                "ChatSession: a system turn goes before the user turn it instructs, not inside a user block "
+                "(respond first)"
+            )
         self._marks.append(self._snapshot())
         try:
             self.images.update(new_images)
             pieces = self.runner.turn_pieces(turn, self.images, text_ids)
             chunk = self.runner.embed(pieces, self.images)
-            if turn.role is Role.USER and (k == 0 or self.dialogue.turns[-1].role is Role.ASSISTANT):
+            if turn.role is Role.USER and speaker is not Role.USER:
                 self._contexts.start_user_block(k)  # a new user block (see module docstring)
             keeps = keep_text_uncond(pieces, turn.role), keep_image_uncond(pieces)
             self._last_hidden = self._contexts.extend(chunk, *keeps)
@@ -454,9 +531,12 @@ class ChatSession:
             sampler: image sampling settings (default ``SamplerConfig()``); ``sampler.seed`` seeds all draws of
                 this reply.
             max_segments: stop after this many segments even if the model does not predict ``<|end|>``.
-            mode: ``"auto"``, ``"text"``, ``"image"`` or ``"edit"`` (see :data:`REPLY_MODES`).
+            mode: ``"auto"``, ``"text"``, ``"image"``, ``"edit"`` or a think mode (``"think"``, ``"think_text"``,
+                ``"think_image"``, ``"think_edit"``; see :data:`REPLY_MODES`). A think mode may put a system turn
+                before the user block (:attr:`AssistantReply.system_turn`); the reasoning is capped by
+                ``max_new_tokens`` like any text segment (BAGEL allows 1000).
             image_size: ``(H, W)`` of a generated image (sized by the VAE view's rule); default: the edited image's
-                VAE view for ``edit``, else :meth:`reply_image_size`.
+                VAE view for ``edit`` / ``think_edit``, else :meth:`reply_image_size`.
 
         An image's CFG contexts share one stacked forward per Euler step (:func:`~.steps.run_together`); several
         sessions reply together (one forward per step for all of them) with
@@ -516,7 +596,7 @@ class ChatSession:
         )
         # The VAE view size of a generated image: given, the edited image's (edit), or the session's rule (None).
         size = self.packer.view_sizes(*image_size)[1] if image_size is not None else None
-        if mode == "edit" and size is None:
+        if mode in ("edit", "think_edit") and size is None:
             size = self._edited_image_size()
         sampler = sampler if sampler is not None else SamplerConfig()
         generator = torch.Generator()
@@ -541,13 +621,29 @@ class ChatSession:
     def _reply(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task):
         if self.num_turns != k:
             raise RuntimeError("ChatSession.reply_steps: the session changed before the reply started")
+        system_turn = None
+        if task.mode in THINK_OUTPUT:
+            if task.mode == "think":  # the predicted intent (SPEC §2) picks the output, then its prompt
+                logits = self.model.logits(self._last_hidden)
+                allowed = [self.tokenizer.im_start_id, self.tokenizer.vision_start_id]
+                choice = choose_token(
+                    logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator
+                )
+                task = _Task(mode="think_text" if choice == allowed[0] else "think_image", vae_size=task.vae_size)
+            prompt = self.config.think_text_prompt if task.mode == "think_text" else self.config.think_image_prompt
+            system_turn = self._put_system_before_block(prompt)
+            k = self.num_turns
         self._marks.append(self._snapshot())
         try:
             settings = (max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)
-            return (yield from self._reply_segments(k, *settings))
+            reply = yield from self._reply_segments(k, *settings)
         except BaseException:
             self._restore(k)
+            if system_turn is not None:
+                self._remove_system_turn(system_turn)
             raise
+        reply.system_turn = system_turn
+        return reply
 
     def _reply_segments(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task):
         tok = self.tokenizer
@@ -555,11 +651,14 @@ class ChatSession:
         ids_per_segment: list[list[int] | None] = []
         hidden = self._last_hidden
         allowed = [tok.im_start_id, tok.vision_start_id]  # the first segment must open something (SPEC §2)
-        forced = {"text": [tok.im_start_id], "image": [tok.vision_start_id], "edit": [tok.vision_start_id]}
+        plan = task.plan(tok)
+        pending = None  # think text in full only, until the image it plans is sampled
         while len(reply.segments) < max_segments:
-            if task.mode != "auto":
-                # SPEC §4.1: the task is told, not predicted — the opening marker is forced, one segment, then end.
-                choice = forced[task.mode][0] if not reply.segments else tok.end_id
+            think = False
+            if plan is not None:
+                # SPEC §4.1: the task is told, not predicted — the opening markers are forced, then end.
+                n = len(reply.segments)
+                choice, think = plan[n] if n < len(plan) else (tok.end_id, False)
             else:
                 logits = self.model.logits(hidden)
                 choice = choose_token(
@@ -572,29 +671,38 @@ class ChatSession:
             if choice == tok.im_start_id:
                 reply.intents.append("text")
                 first = not any(isinstance(s, TextSegment) for s in reply.segments)
-                ids, hidden = yield from self._generate_text(max_new_tokens, temperature, top_p, generator)
-                reply.segments.append(TextSegment(text=self._visible_text(ids, first=first)))
+                ids, hidden, chunk = yield from self._generate_text(
+                    max_new_tokens, temperature, top_p, generator, think=think
+                )
+                pending = chunk if think else None
+                reply.segments.append(TextSegment(text=self._visible_text(ids, first=first), think=think))
                 ids_per_segment.append(ids)
             else:
                 reply.intents.append("image")
                 key, image, hidden = yield from self._generate_image(
-                    sampler, generator, segment=len(reply.segments), size=task.vae_size
+                    sampler, generator, segment=len(reply.segments), size=task.vae_size, pending=pending
                 )
+                pending = None
                 reply.segments.append(ImageSegment(image=key))
                 reply.images.append(image)
                 reply.image_keys.append(key)
                 ids_per_segment.append(None)
             allowed = [tok.im_start_id, tok.vision_start_id, tok.end_id]
-        meta = {"intents": list(reply.intents), "finished": reply.finished}
+        if pending is not None:  # max_segments stopped the reply before the image
+            self._contexts.extend_unconditional(pending)
+        meta = {"intents": list(reply.intents), "finished": reply.finished, "mode": task.mode}
         self.dialogue.turns.append(Turn(role=Role.ASSISTANT, segments=list(reply.segments), trainable=False, meta=meta))
         self._text_ids.append(ids_per_segment)
         self._last_hidden = hidden
         return reply
 
-    def _generate_text(self, max_new_tokens, temperature, top_p, generator):
+    def _generate_text(self, max_new_tokens, temperature, top_p, generator, *, think: bool = False):
         """Decode one text segment into ``full`` (a :class:`TokenStep` per token); append it to the unconditional
-        contexts. Returns ids, last output."""
+        contexts — unless it is ``think`` text: that one closes once it holds ``</think>`` and waits (returned as its
+        embedded chunk) until the image it plans is sampled. Returns ids, last output, the embedded chunk."""
         tok, run, full = self.tokenizer, self.runner, self._contexts.full
+        if think:
+            self._contexts.fork_shared()  # the CFG contexts must not see the reasoning (SPEC §4.1)
         markers = [tok.im_start_id, tok.vision_start_id, tok.vision_end_id, tok.end_id, tok.pad_id]
         hidden = yield TokenStep(full, tok.im_start_id)
         ids: list[int] = []
@@ -608,11 +716,15 @@ class ChatSession:
                 closed = True
                 break
             ids.append(token)
+            # `</think>` is 8 characters, so it lies within the last 8 tokens' text when it has just been completed
+            if think and THINK_END in tok.decode(ids[-len(THINK_END) :]):
+                break
         if not closed:
             hidden = yield TokenStep(full, tok.im_end_id)
         chunk = run.embed([StreamPiece(Modality.TEXT, 0, 0, content=tuple(ids))], self.images)
-        self._contexts.extend_unconditional(chunk)
-        return ids, hidden
+        if not think:
+            self._contexts.extend_unconditional(chunk)
+        return ids, hidden, chunk
 
     def _visible_text(self, ids: list[int], *, first: bool) -> str:
         """Decoded text without the assistant role prefix (the template adds it back when packing)."""
@@ -623,11 +735,18 @@ class ChatSession:
         return text or "\ufffd"  # a Dialogue text may not be empty; the exact ids are kept beside it anyway
 
     def _generate_image(
-        self, sampler: SamplerConfig, generator: torch.Generator, *, segment: int, size: tuple[int, int] | None
+        self,
+        sampler: SamplerConfig,
+        generator: torch.Generator,
+        *,
+        segment: int,
+        size: tuple[int, int] | None,
+        pending: EmbeddedChunk | None = None,
     ):
         """Sample one image with VAE view ``size`` ``(H, W)`` (None: :meth:`reply_image_size`) with three-context CFG (a
-        :class:`VelocityStep` per Euler step), decode it, and append it as clean context. Returns key, image, the
-        full context's last output."""
+        :class:`VelocityStep` per Euler step), decode it, and append it as clean context. ``pending``: think text that
+        ``full`` already holds; the unconditional contexts get it after the sampling, before the image (so the stream
+        order is the same in every context). Returns key, image, the full context's last output."""
         run, model = self.runner, self.model
         vae_h, vae_w = size if size is not None else self.reply_image_size()
         stride = self.config.vae_token_stride
@@ -638,6 +757,8 @@ class ChatSession:
         while not euler.done:
             euler.step((yield VelocityStep(full, text_uncond, image_uncond, euler.x, euler.t, grid, sampler)))
         image = to_uint8(model.decode_latents(euler.x, grid))
+        if pending is not None:
+            self._contexts.extend_unconditional(pending)
         key = self._new_image_key()
         self.images[key] = image
         pieces = run.image_pieces(key, image, segment=segment)
@@ -667,6 +788,53 @@ class ChatSession:
         if not 0 <= turn_index < self.num_turns:
             raise IndexError(f"rollback: turn_index {turn_index} is not in [0, {self.num_turns})")
         self._restore(turn_index)
+
+    def undo(self, reply: AssistantReply) -> None:
+        """Forget ``reply`` — roll back to before it, and remove the system turn its think mode put before the user
+        block (:attr:`AssistantReply.system_turn`): the session is as it was before :meth:`respond`."""
+        self.rollback(reply.turn_index)
+        if reply.system_turn is not None:
+            self._remove_system_turn(reply.system_turn)
+
+    @torch.no_grad()
+    def _put_system_before_block(self, prompt: str) -> int | None:
+        """Put a system turn holding ``prompt`` right before the pending user block — BAGEL puts its think prompt
+        before the request (SPEC §4.1) — unless that very prompt is already there. The block's turns are prefilled
+        again after it (their exact text ids and images are kept). Returns the system turn's index, or None."""
+        block = self.num_turns
+        while block > 0 and self.dialogue.turns[block - 1].role is Role.USER:
+            block -= 1
+        before = self.dialogue.turns[block - 1] if block > 0 else None
+        if before is not None and before.role is Role.SYSTEM and before.text == prompt:
+            return None
+        tail = self._tail(block)
+        system = Turn(role=Role.SYSTEM, segments=[TextSegment(text=prompt)], trainable=False)
+        try:
+            self._replace_tail(block, [(system, None), *tail[0]], tail[1])
+        except BaseException:
+            self._replace_tail(block, *tail)  # back to the block as it was
+            raise
+        return block
+
+    @torch.no_grad()
+    def _remove_system_turn(self, index: int) -> None:
+        """Remove the system turn at ``index`` (the turns after it are prefilled again)."""
+        turns, images = self._tail(index + 1)
+        self._replace_tail(index, turns, images)
+
+    def _tail(self, start: int) -> tuple[list[tuple[Turn, list[list[int] | None]]], dict[str, torch.Tensor]]:
+        """Turns from ``start`` on with their exact text ids, and the images they need."""
+        turns = [(self.dialogue.turns[i], self._text_ids[i]) for i in range(start, self.num_turns)]
+        return turns, {key: self.images[key] for turn, _ in turns for key in turn.image_keys}
+
+    def _replace_tail(
+        self, start: int, turns: Sequence[tuple[Turn, Sequence[Sequence[int] | None] | None]], images
+    ) -> None:
+        """Roll back to before turn ``start`` and append ``turns`` (prefilled; exact text ids where given)."""
+        self._restore(start)
+        for turn, ids in turns:
+            new = {key: images[key] for key in turn.image_keys if key not in self.images}
+            self._append_turn(turn, new, ids)
 
     def _snapshot(self) -> _Mark:
         return _Mark(contexts=self._contexts.snapshot(), last_hidden=self._last_hidden)
