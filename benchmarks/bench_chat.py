@@ -31,6 +31,11 @@ repeat and the median is kept (after three untimed replies of each kind at turn 
 **Edit** — the cached turn 8 answered with ``mode="edit"`` and BAGEL's edit preset (``bagel_edit``: three contexts
 on every step, ``text_channel`` renorm, ``--steps`` Euler steps counted the kit's way).
 
+**Think** — the cached turn 8 answered with ``mode="think_image"`` (BAGEL's think mode, SPEC §4.1): its system
+prompt goes in before the user turn (which is prefilled again after it), ``--tokens`` tokens of reasoning (``im_e``
+held back, and the random model never writes ``</think>``) into the full context only, then the same image as the
+*image* reply; ``think_over_image`` is its cost over the plain image turn.
+
 **CFG cost** — the cached image turn 8 with one context (``cfg_text_scale = cfg_image_scale = 1``: only the full
 context runs) vs three (scales 4 and 1.5 with ``cfg_interval = (0, 1)``: all three contexts at every step).
 
@@ -155,10 +160,10 @@ def build(hidden: int, layers: int, vocab_size: int = 512) -> tuple[ChatUMM, Cha
 # ---------------------------------------------------------------------------------------------- forcing a reply
 @contextmanager
 def forced(model: ChatUMM, tokenizer: ChatTokenizer, kind: str) -> Iterator[None]:
-    """Bias ``lm_head`` so that a ``kind="text"`` reply never closes early (``im_e`` never wins, so it runs to
-    ``max_new_tokens``); the reply's modality itself is forced by the task mode."""
+    """Bias ``lm_head`` so that the text of a ``kind="text"`` or think reply never closes early (``im_e`` never wins, so
+    it runs to ``max_new_tokens``); the reply's modality itself is forced by the task mode."""
     bias = torch.zeros(model.backbone.lm_head.out_features)
-    if kind == "text":
+    if kind == "text" or kind.startswith("think"):
         bias[tokenizer.im_end_id] = -100.0
     handle = model.backbone.lm_head.register_forward_hook(lambda m, args, out: out + bias.to(out.dtype))
     try:
@@ -169,7 +174,8 @@ def forced(model: ChatUMM, tokenizer: ChatTokenizer, kind: str) -> Iterator[None
 
 @dataclass(frozen=True)
 class Reply:
-    """One forced reply: its kind (a task mode: ``text``, ``image`` or ``edit``), text length and sampler."""
+    """One forced reply: its kind (a task mode: ``text``, ``image``, ``edit`` or ``think_image``), text length and
+    sampler."""
 
     kind: str
     tokens: int
@@ -330,9 +336,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg1 = Reply("image", tokens, SamplerConfig(num_steps=steps, seed=0, cfg_text_scale=1.0, cfg_image_scale=1.0))
     cfg3 = Reply("image", tokens, SamplerConfig(num_steps=steps, seed=0, cfg_interval=(0.0, 1.0)))
     edit = Reply("edit", tokens, sampler_preset("bagel_edit", num_steps=steps, step_convention="euler_steps", seed=0))
+    think = Reply("think_image", tokens, SamplerConfig(num_steps=steps, seed=0))
 
     # first calls run slow (allocator, kernels): settle before timing
-    for reply in (*replies.values(), cfg1, cfg3, edit):
+    for reply in (*replies.values(), cfg1, cfg3, edit, think):
         for _ in range(1 if args.quick else 3):
             bench.cached(1, reply)()
     rows: list[dict[str, Any]] = []
@@ -349,8 +356,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row[f"recompute_{kind}_prefill_ms"] = recompute["prefill"]
         if k == EXCHANGES:
             fns = {"cfg1": bench.cached(k, cfg1), "cfg3": bench.cached(k, cfg3), "edit": bench.cached(k, edit)}
+            fns |= {"image": bench.cached(k, replies["image"]), "think": bench.cached(k, think)}
             t = median_ms(fns, repeats=repeats)
             cfg = {"cfg1_ms": t["cfg1"]["turn"], "cfg3_ms": t["cfg3"]["turn"], "edit_bagel_ms": t["edit"]["turn"]}
+            cfg |= {"think_image_ms": t["think"]["turn"], "think_image_reply_ms": t["think"]["reply"]}
+            cfg |= {"think_over_image": t["think"]["turn"] / t["image"]["turn"]}
             cfg |= {"cfg1_reply_ms": t["cfg1"]["reply"], "cfg3_reply_ms": t["cfg3"]["reply"]}
             fresh = Bench(model, tokenizer, dialogue, clock=args.clock)  # turn 1 again, interleaved with turn 8
             for kind, reply in replies.items():
@@ -424,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f" ms ({result['cached_growth_turn8_over_turn1' + suffix + '_outside_attention']:.2f}x)")  # fmt: skip
     print(f"CFG at turn 8 (cached image turn): 1 context {cfg['cfg1_ms']:.1f} ms, 3 contexts {cfg['cfg3_ms']:.1f} ms "
           f"-> {result['cfg3_over_cfg1']:.2f}x; edit (mode='edit', bagel_edit preset) {cfg['edit_bagel_ms']:.1f} ms")  # fmt: skip
+    print(f"think at turn 8 (mode='think_image': system prompt, {tokens} reasoning tokens, the same image): "
+          f"{cfg['think_image_ms']:.1f} ms = {cfg['think_over_image']:.2f}x the image turn")  # fmt: skip
     if not all(math.isfinite(v) for v in (result["turn8_recompute_over_cached"], result["cfg3_over_cfg1"])):
         raise RuntimeError("bench_chat: a timing is not finite")
     if args.json:

@@ -57,6 +57,8 @@ def test_quick_run_prints_the_table_then_json(bench, capsys):
         "cached_growth_turn8_over_turn1_image",
         "cached_growth_turn8_over_turn1_outside_attention",
         "cached_growth_turn8_over_turn1_image_outside_attention",
+        "think_image_ms",
+        "think_over_image",
     ]
     for key in scalars:
         assert math.isfinite(result[key]) and result[key] > 0, key
@@ -70,6 +72,7 @@ def test_quick_run_prints_the_table_then_json(bench, capsys):
     )
     assert result["turn8_recompute_over_cached_image"] == result["ratio_image"][-1]
     assert isinstance(result["target_met"], bool)
+    assert any("think at turn 8" in line for line in lines)
     for kind in ("text", "image"):  # cached attention is part of the turn (the meter wraps only the growth runs)
         g = result["cached_growth_ms"][kind]
         assert 0 < g["turn1_attention_ms"] < g["turn1_turn_ms"] and 0 < g["turn8_attention_ms"] < g["turn8_turn_ms"]

@@ -61,8 +61,10 @@ def test_role_prefix_on_first_text_segment_only() -> None:
     assert tok.decode(tok.encode_segment("ok", role="user", first_in_turn=True)) == "User: ok"
     assert tok.decode(tok.encode_segment("ok", role="assistant", first_in_turn=True)) == "Assistant: ok"
     assert tok.encode_segment("ok", role="assistant", first_in_turn=False) == tok.encode("ok")
-    with pytest.raises(ValueError, match="unknown role 'system'"):
-        tok.role_prefix("system")
+    # a system turn has no template prefix: BAGEL enters its system prompt as plain text (SPEC §4.1)
+    assert tok.encode_segment("ok", role="system", first_in_turn=True) == tok.encode("ok")
+    with pytest.raises(ValueError, match="unknown role 'tool'"):
+        tok.role_prefix("tool")
 
 
 def test_default_prefix_is_empty(tok: ChatTokenizer) -> None:

@@ -30,6 +30,14 @@ banned inside it; at ``max_new_tokens`` an ``im_e`` is appended), then appended 
 chunk. An image is sampled with the flow sampler: each Euler step runs the noised view (``commit=False``) at each
 context's position, CFG combines the velocities, and the decoded image then enters all contexts that keep images.
 
+**System turns and think mode** (SPEC §4.1). A system turn (:meth:`ChatSession.add_system`, ``system=``) is text in
+every context — BAGEL's text-unconditional context is the one before the trailing user text, so it keeps the system
+prompt. A think reply (``mode="think_image"`` etc., ``inference/think.py``) first puts a system turn with the think
+prompt right before the user block (the block is prefilled again after it), then decodes its reasoning into
+``full``; before an image, the unconditional contexts that shared ``full`` are forked first, the image is sampled
+with contexts that lack the reasoning, and only then is the reasoning appended to them (before the image's clean
+views), so afterwards it is ordinary history and a replay of the dialogue builds the same caches.
+
 **Rollback** restores the state before a turn from a snapshot (cache lengths and positions; caches are truncated).
 Going back into an *older* user block rebuilds that block's text-unconditional context from ``full`` plus the
 block's images (the only rows not recoverable by truncation).
@@ -335,7 +343,7 @@ class ChatSession:
 
     Attributes:
         dialogue: the conversation so far (every turn ``trainable=False``; assistant turns carry
-            ``meta={"intents", "finished"}``).
+            ``meta={"intents", "finished", "mode"}``).
         images: key → ``uint8 [3, H, W]`` of every image in the dialogue (user and generated).
         packer: the :class:`Packer` whose layout the caches follow (``pack([session.dialogue_sample()])`` gives the
             same full-context stream).
