@@ -21,6 +21,7 @@ from chatumm_kit.eval import (
     Reply,
     ReplySettings,
     Responder,
+    TurnFilter,
     expected_turns,
     run_benchmark,
 )
@@ -278,3 +279,73 @@ def test_lockstep_batches_give_the_same_report_as_one_dialogue_at_a_time(shards,
     assert len(reports[3].models["random"].turns) == n_turns
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         BenchmarkSettings(batch_size=0)
+
+
+def test_turn_filter_asks_only_the_selected_turns_and_prefills_the_rest_with_the_truth(samples):
+    far = TurnFilter(min_distance=2)
+    lengths = {s.dialogue.id: len(expected_turns(s, WORLD)) for s in samples}
+    selected = {(t.dialogue_id, t.index) for s in samples for t in expected_turns(s, WORLD) if far.selects(t)}
+    assert selected and len(selected) < sum(lengths.values())  # the fixture has far turns, and others
+    bench = ContextTrackingBenchmark(samples=samples, world=WORLD, settings=BenchmarkSettings(turns=far))
+    scripted = Scripted(samples, {})
+    report = bench.evaluate("scripted", scripted)
+    assert set(scripted.calls) == selected and len(scripted.calls) == len(selected)
+    assert {(t.dialogue_id, t.index) for t in report.turns} == selected
+    assert report.free_runs == [] and report.free_running.sr_at_k == {}  # no free-running pass
+    # the history of every asked turn is the true dialogue up to it (replies never generated, never retracted)
+    sample = next(s for s in samples if any(d == s.dialogue.id for d, _ in selected))
+    truth = expected_turns(sample, WORLD)
+    last = max(j for d, j in selected if d == sample.dialogue.id)
+    one = Scripted([sample], {})
+    ContextTrackingBenchmark(samples=[sample], world=WORLD, settings=BenchmarkSettings(turns=far)).teacher_forced(one)
+    assert one.retracts == 0
+    assert [r for r, _ in one.history] == [Role.USER, Role.ASSISTANT] * last + [Role.USER]  # stops after the last
+    for j, (role, parts) in enumerate(one.history):
+        want = truth[j // 2].user if role is Role.USER else truth[j // 2].reply
+        assert all(torch.equal(g, w) if isinstance(w, torch.Tensor) else g == w for g, w in zip(parts, want))
+    assert bench.report([report]).settings["turns"] == {"min_distance": 2, "tasks": None}
+    assert "turns" not in BenchmarkSettings().to_dict()  # unfiltered reports keep their settings as before
+    with pytest.raises(ValueError, match="min_distance"):
+        TurnFilter(min_distance=-1)
+    with pytest.raises(ValueError, match="tasks"):
+        TurnFilter(tasks="generate")
+    with pytest.raises(TypeError, match="TurnFilter"):
+        BenchmarkSettings(turns={"min_distance": 2})
+
+
+@pytest.fixture(scope="module")
+def far_shards(tmp_path_factory):
+    """Six held-out dialogues whose references lie 2 or 3 exchanges back."""
+    out = tmp_path_factory.mktemp("heldout_far")
+    phrasing = ShapesPhrasing(split="heldout")
+    SynthPipeline(
+        pool=ShapesPool(world=WORLD, phrasing=phrasing, seeds=[3_000_000, 3_100_000]),
+        backend=ShapesRuleBackend(world=WORLD, phrasing=phrasing),
+        stages=[ChainStage(turns=[2, 3]), DistractorStage(k=[2, 3]), InterleaveStage(p=1.0)],
+        output_dir=out, num_dialogues=6, shard_size=6, use_cache=False, report_png=False, progress=False,
+    ).run()  # fmt: skip
+    return str(out / "index.json")
+
+
+def test_headline_only_run_equals_the_full_run_on_the_headline_cells(far_shards):
+    """The cheap headline evaluation (benchmark.turns=${headline_turns}) scores the far turns exactly as the full
+    run does, on a real tiny ChatUMM (float64, lockstep batches of 3)."""
+    shards, samples = far_shards, list(read_samples(far_shards))
+    texts = [t.text for s in samples for t in s.dialogue.turns if t.text]
+    tokenizer = ChatTokenizer.train(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = chatumm_tiny(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, intermediate_size=64,
+                         vit_hidden=32, vit_layers=1).double()  # fmt: skip
+    reply = ReplySettings(max_new_tokens=4, max_segments=2, temperature=1.0, sampler=SamplerConfig(num_steps=2))
+    reports = {}
+    for name, turns in {"full": None, "headline": TurnFilter(min_distance=2)}.items():
+        settings = BenchmarkSettings(seed=5, reply=reply, batch_size=3, turns=turns)
+        reports[name] = run_benchmark(models={"m": (model, tokenizer)}, shards=shards, settings=settings, world=WORLD)
+    full, cheap = reports["full"].models["m"], reports["headline"].models["m"]
+    far = [t for t in full.turns if t.distance is not None and t.distance >= 2]
+    assert far and cheap.turns == far  # every far turn: the same reply, the same score
+    assert {t.predicted_output for t in far} >= {"text", "image", "interleaved"}  # images were generated, and text
+    hf, hc = reports["full"].headline(), reports["headline"].headline()
+    cells = [k for k in hf if "d2plus" in k]
+    assert len(cells) == 15 and {k: hc[k] for k in cells} == {k: hf[k] for k in cells}
+    assert len(cheap.turns) < len(full.turns) / 2 and cheap.free_runs == [] and full.free_runs

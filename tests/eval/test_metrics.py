@@ -18,6 +18,7 @@ from chatumm_kit.eval import (
     TurnAggregate,
     score_turn,
 )
+from chatumm_kit.eval.intervals import wilson
 
 WORLD = WorldConfig()
 RED_CIRCLE = ShapeObject(shape="circle", colour="red", size="small", cell=0)
@@ -153,6 +154,21 @@ def test_success_rates_stop_at_first_failure():
     assert SuccessRates.from_dict(json.loads(json.dumps(sr.to_dict()))) == sr
 
 
+def test_success_rates_carry_counts_and_wilson_intervals_over_dialogues():
+    runs = [_run(3, None), _run(3, 1), _run(2, 0), _run(1, None)]
+    sr = SuccessRates.from_runs(runs)
+    assert sr.successes_at_k == {1: 3, 2: 1, 3: 1}
+    d = sr.to_dict()
+    assert d["successes_at_k"] == {"1": 3, "2": 1, "3": 1}
+    assert d["ci95"]["1"] == wilson(3, 4).to_list() and d["ci95"]["3"] == wilson(1, 2).to_list()
+    lo, hi = d["ci95"]["2"]  # 1 of 3: Wilson [0.0615, 0.7923]
+    assert lo == pytest.approx(0.0615, abs=1e-4) and hi == pytest.approx(0.7923, abs=1e-4)
+    assert sr.interval(4) is None and SuccessRates().to_dict()["ci95"] == {}
+    # a report written before the counts were recorded reads them back from the rates
+    old = {k: v for k, v in d.items() if k not in ("successes_at_k", "ci95")}
+    assert SuccessRates.from_dict(old) == sr
+
+
 def _report() -> BenchmarkReport:
     models = {}
     for name, replies in {"multi_turn": ["red", "red"], "single_turn": ["red", "blue"]}.items():
@@ -188,6 +204,11 @@ def test_report_round_trips_through_json_and_draws_a_png(tmp_path):
     head = table[0].split()
     assert head[8:11] == ["intent@d>=2", "vqa@d>=2", "image_attr@d>=2"]
     assert table[2].split()[head.index("vqa@d>=2")] == "0.000"  # single_turn's only distant turn: distance 4
+    sr_rows = report.success_rate_table(max_k=2).splitlines()
+    assert sr_rows[0].startswith("free-running SR@k")
+    assert sr_rows[2].split()[:4] == ["SR@1", "multi_turn", "1.000", "1/1"]
+    assert sr_rows[5].split()[:4] == ["SR@2", "single_turn", "0.000", "0/1"]
+    assert sr_rows[5].endswith("[0.000, 0.793]")  # Wilson 95 % of 0 / 1
 
 
 def test_turn_score_round_trip_keeps_attribute_scores():

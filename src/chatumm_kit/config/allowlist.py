@@ -96,7 +96,7 @@ _KIT: tuple[str, ...] = (
         "InterleaveStage", "TaxonomyTargets", "DatasetPool", "JsonlSource", "WebDatasetSource", "OpenAIChatBackend",
     ),
     # evaluation and inference settings
-    *_names("chatumm_kit.eval", "ModelSource", "ReplySettings", "BenchmarkSettings"),
+    *_names("chatumm_kit.eval", "ModelSource", "ReplySettings", "BenchmarkSettings", "TurnFilter"),
     # the evaluation suite: tasks read local benchmark files; the judge asks its backend (same key/env rules)
     *_names(
         "chatumm_kit.eval", "Judge", "SuiteSettings", "MMBench", "MME", "POPE", "VQAJsonl", "EditBench", "TextToImage",

@@ -75,6 +75,7 @@ from chatumm_kit.eval.tasks import (
     TextToImage,
     VQAJsonl,
 )
+from chatumm_kit.eval.turn_filter import TurnFilter
 from chatumm_kit.eval.turns import ExpectedTurn, Reply, expected_turns, modality_of, reference_turns
 from chatumm_kit.eval.understanding import (
     ChoiceScorer,
@@ -134,6 +135,7 @@ __all__ = [
     "TaskResult",
     "TextToImage",
     "TurnAggregate",
+    "TurnFilter",
     "TurnScore",
     "TurnScorer",
     "VQAJsonl",

@@ -61,6 +61,7 @@ from chatumm_kit.eval.metrics import FreeRun, TurnScore
 from chatumm_kit.eval.report import BenchmarkReport, DatasetSummary, ModelReport
 from chatumm_kit.eval.responders import ChatSessionResponder, ReplySettings, Responder
 from chatumm_kit.eval.scoring import ScoreRequest, ShapesExactScorer, TurnScorer
+from chatumm_kit.eval.turn_filter import TurnFilter
 from chatumm_kit.eval.turns import ExpectedTurn, Part, Reply, expected_turns
 from chatumm_kit.model import ChatUMM
 from chatumm_kit.training.loading import LoadedModel, load_checkpoint
@@ -93,6 +94,10 @@ class BenchmarkSettings:
         batch_size: dialogues a :class:`~.responders.ChatSessionResponder` runs in lockstep, one model forward per
             decoding / Euler step for all of them (``inference/batch.py``); 1 runs them one by one. It changes the
             speed, not the report (so the report does not record it); other responders always run one by one.
+        turns: score only the turns this :class:`~.turn_filter.TurnFilter` selects (teacher-forced; the other
+            exchanges are prefilled with the truth, the free-running pass is left out); None: every turn, both
+            protocols. ``TurnFilter(min_distance=2)`` is the cheap headline evaluation: the ``history_*_d2plus``
+            cells come out exactly as in the full run.
 
     Example:
         >>> BenchmarkSettings(max_dialogues=10).to_dict()["max_dialogues"]
@@ -104,6 +109,7 @@ class BenchmarkSettings:
     reply: ReplySettings = field(default_factory=ReplySettings)
     image_success_threshold: float = 1.0
     batch_size: int = DEFAULT_BATCH_SIZE
+    turns: TurnFilter | None = None
 
     def __post_init__(self) -> None:
         if self.max_dialogues is not None and self.max_dialogues < 1:
@@ -114,6 +120,8 @@ class BenchmarkSettings:
             )
         if self.batch_size < 1:
             raise ValueError(f"BenchmarkSettings.batch_size must be >= 1, got {self.batch_size}")
+        if self.turns is not None and not isinstance(self.turns, TurnFilter):
+            raise TypeError(f"BenchmarkSettings.turns must be a TurnFilter or None, got {type(self.turns).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that decide the results (``batch_size`` only changes the speed and is left out)."""
@@ -122,6 +130,7 @@ class BenchmarkSettings:
             "seed": self.seed,
             "reply": self.reply.to_dict(),
             "image_success_threshold": self.image_success_threshold,
+            **({"turns": self.turns.to_dict()} if self.turns is not None else {}),  # unfiltered reports as before
         }
         return json.loads(json.dumps(out))  # tuples → lists, as the JSON report holds them
 
@@ -184,6 +193,8 @@ class DialogueReplay:
         scorer: scores the replies.
         seed: seeds each reply (:meth:`turn_seed`).
         batch_size: dialogues a :class:`~.responders.ChatSessionResponder` runs in lockstep (speed only).
+        turns: teacher forcing asks only about the turns this filter selects; every other exchange is prefilled with
+            its true user and assistant turns (:mod:`.turn_filter`). None: every turn.
 
     Raises:
         ValueError: there are no dialogues, or a dialogue has no exchange.
@@ -196,6 +207,7 @@ class DialogueReplay:
         scorer: TurnScorer,
         seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        turns: TurnFilter | None = None,
     ) -> None:
         self.expected: list[list[ExpectedTurn]] = [list(e) for e in expected]
         if not self.expected:
@@ -206,6 +218,7 @@ class DialogueReplay:
         self.scorer = scorer
         self.seed = seed
         self.batch_size = batch_size
+        self.turns = turns
 
     def turn_seed(self, dialogue_id: str, index: int) -> int:
         """The seed of the reply to exchange ``index`` of ``dialogue_id`` (stable across runs and processes)."""
@@ -226,7 +239,7 @@ class DialogueReplay:
             return e.reply
 
         per_dialogue = self._replay(responder, keep=replace_reply, stop_at_failure=False, desc="teacher-forced",
-                                    progress=progress)  # fmt: skip
+                                    progress=progress, asked=self.turns)  # fmt: skip
         return [t for turns in per_dialogue for t in turns]
 
     def free_running(self, responder: Responder, *, progress: bool = False) -> list[FreeRun]:
@@ -260,9 +273,12 @@ class DialogueReplay:
         stop_at_failure: bool,
         desc: str,
         progress: bool,
+        asked: TurnFilter | None = None,
     ) -> list[list[ScoredTurn]]:
         """Every dialogue exchange by exchange: add the true user turn, reply, then ``keep(responder, expected, reply,
         is_last)`` leaves the history as the protocol wants it and returns the assistant turn now in it. With
+        ``asked``, only the exchanges it selects are replied to; the others get their true assistant turn added
+        (prefilled), a dialogue ends after its last selected exchange and one with none is skipped. With
         ``stop_at_failure`` each exchange's replies are scored at once and a dialogue stops at its first failure;
         otherwise the group's replies are scored together once it is done, in a background thread while the model
         replies to the next group (a judge's latency overlaps the model's work). Returns the scored turns per
@@ -276,15 +292,19 @@ class DialogueReplay:
 
         together = isinstance(responder, ChatSessionResponder) and self.batch_size > 1
         size = self.batch_size if together else 1
+        dialogues = self.expected
+        if asked is not None:  # each dialogue up to its last selected exchange; dialogues without one are skipped
+            last = [max((i for i, e in enumerate(d) if asked.selects(e)), default=-1) for d in dialogues]
+            dialogues = [d[: n + 1] for d, n in zip(dialogues, last) if n >= 0]
         team: list[Responder] = [responder]
         results: list[list[ScoredTurn]] = []
         later: list[tuple[list[list[ScoreRequest]], Future]] = []  # teacher-forced groups being scored
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") as scoring,
-            tqdm(total=len(self.expected), desc=desc, unit="dlg", disable=not progress) as bar,
+            tqdm(total=len(dialogues), desc=desc, unit="dlg", disable=not progress) as bar,
         ):
-            for start in range(0, len(self.expected), size):
-                group = self.expected[start : start + size]
+            for start in range(0, len(dialogues), size):
+                group = dialogues[start : start + size]
                 while len(team) < len(group):
                     team.append(responder.spawn())  # type: ignore[attr-defined]  (together: a ChatSessionResponder)
                 histories: list[list[tuple[Role, tuple[Part, ...]]]] = [[] for _ in group]
@@ -294,27 +314,35 @@ class DialogueReplay:
                     member.start(turns[0].dialogue_id)
                 active, j = list(range(len(group))), 0
                 while active:
-                    exchange = [group[d][j] for d in active]
-                    for d, e in zip(active, exchange):
-                        team[d].add_turn(Role.USER, e.user)
+                    for d in active:
+                        team[d].add_turn(Role.USER, group[d][j].user)
+                    if asked is not None:  # the exchanges not asked about: their true reply, prefilled
+                        for d in [d for d in active if not asked.selects(group[d][j])]:
+                            e = group[d][j]
+                            team[d].add_turn(Role.ASSISTANT, e.reply)
+                            histories[d] += [(Role.USER, tuple(e.user)), (Role.ASSISTANT, tuple(e.reply))]
+                        replying = [d for d in active if asked.selects(group[d][j])]
+                    else:
+                        replying = active
+                    exchange = [group[d][j] for d in replying]
                     seeds = [self.turn_seed(e.dialogue_id, e.index) for e in exchange]
                     if together:
-                        replies = ChatSessionResponder.respond_together([team[d] for d in active], seeds=seeds)
+                        replies = ChatSessionResponder.respond_together([team[d] for d in replying], seeds=seeds)
                     else:
-                        replies = [team[d].respond(seed=seed) for d, seed in zip(active, seeds)]
+                        replies = [team[d].respond(seed=seed) for d, seed in zip(replying, seeds)]
                     now = []
-                    for d, e, reply in zip(active, exchange, replies):
+                    for d, e, reply in zip(replying, exchange, replies):
                         now.append(ScoreRequest(expected=e, reply=reply, history=tuple(histories[d])))
                         last = j + 1 == len(group[d])
                         kept = keep(team[d], e, reply, last)
                         histories[d] += [(Role.USER, tuple(e.user)), (Role.ASSISTANT, tuple(kept))]
                     if stop_at_failure:
                         scores = self.scorer.score_many(now)
-                        for d, r, s in zip(active, now, scores):
+                        for d, r, s in zip(replying, now, scores):
                             scored[d].append(ScoredTurn(request=r, score=s))
-                        still = [d for d, s in zip(active, scores) if s.success and j + 1 < len(group[d])]
+                        still = [d for d, s in zip(replying, scores) if s.success and j + 1 < len(group[d])]
                     else:
-                        for d, r in zip(active, now):
+                        for d, r in zip(replying, now):
                             requests[d].append(r)
                         still = [d for d in active if j + 1 < len(group[d])]
                     active, j = still, j + 1
@@ -360,6 +388,7 @@ class ContextTrackingBenchmark(DialogueReplay):
             scorer=ShapesExactScorer(world=self.world, image_success_threshold=settings.image_success_threshold),
             seed=settings.seed,
             batch_size=settings.batch_size,
+            turns=settings.turns,
         )
 
     @classmethod
@@ -377,12 +406,13 @@ class ContextTrackingBenchmark(DialogueReplay):
     def evaluate(
         self, name: str, responder: Responder, *, source: Mapping[str, Any] | None = None, progress: bool = False
     ) -> ModelReport:
-        """Both protocols for one responder."""
+        """Both protocols for one responder; with ``settings.turns`` the selected teacher-forced turns only (SR@k
+        needs every turn generated, so the free-running pass is left out)."""
         return ModelReport.from_scores(
             name=name,
             source=source or {"kind": "responder", "type": type(responder).__name__},
             turns=self.teacher_forced(responder, progress=progress),
-            free_runs=self.free_running(responder, progress=progress),
+            free_runs=self.free_running(responder, progress=progress) if self.turns is None else [],
         )
 
     def report(self, results: Sequence[ModelReport]) -> BenchmarkReport:

@@ -175,6 +175,7 @@ def run_eval(cfg: DictConfig):
         js, png = report.write(output_dir, stem=stem)
         print(report.summary_table())
         print(report.interval_table())
+        print(report.success_rate_table())
         print(f"eval: {report.data.num_dialogues} dialogues, {report.data.num_turns} turns; report: {js}; chart: {png}")
         reports.append(report)
     return reports[0]

@@ -442,14 +442,28 @@ class SuccessRates:
     """SR@k with stop at first failure (MSE-Bench / LME-Bench style, SPEC §7).
 
     ``sr_at_k[k]`` = among dialogues with at least ``k`` assistant turns (``dialogues_at_k[k]`` of them), the fraction
-    whose first ``k`` turns all succeeded when run free. ``first_failure`` counts dialogues by the index of their first
-    failed turn (``"none"``: no failure); ``mean_survived`` is the mean number of turns before the first failure.
+    whose first ``k`` turns all succeeded when run free (``successes_at_k[k]`` of them). ``first_failure`` counts
+    dialogues by the index of their first failed turn (``"none"``: no failure); ``mean_survived`` is the mean number of
+    turns before the first failure.
+
+    **Intervals** (issue 18): each dialogue contributes exactly one success-or-failure to SR@k, and dialogues are
+    independent draws, so the Wilson score interval of ``successes_at_k[k] / dialogues_at_k[k]`` (:meth:`interval`,
+    ``ci95`` in JSON) is already a dialogue-level interval — a bootstrap over dialogues would estimate the same binomial
+    spread. (The SR@k of one dialogue set at different k are nested, hence correlated with each other.)
+
+    Example:
+        >>> sr = SuccessRates.from_runs([FreeRun("a", 2), FreeRun("b", 2, first_failure=1)])
+        >>> sr.sr_at_k[2], sr.successes_at_k[2], sr.dialogues_at_k[2]
+        (0.5, 1, 2)
+        >>> sr.interval(2).low < 0.5 < sr.interval(2).high
+        True
     """
 
     sr_at_k: dict[int, float] = field(default_factory=dict)
     dialogues_at_k: dict[int, int] = field(default_factory=dict)
     first_failure: dict[str, int] = field(default_factory=dict)
     mean_survived: float = 0.0
+    successes_at_k: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def from_runs(cls, runs: Sequence[FreeRun]) -> SuccessRates:
@@ -460,25 +474,38 @@ class SuccessRates:
         for k in range(1, longest + 1):
             eligible = [r for r in runs if r.num_turns >= k]
             out.dialogues_at_k[k] = len(eligible)
-            out.sr_at_k[k] = sum(r.survived >= k for r in eligible) / len(eligible)
+            out.successes_at_k[k] = sum(r.survived >= k for r in eligible)
+            out.sr_at_k[k] = out.successes_at_k[k] / len(eligible)
         keys = ["none" if r.first_failure is None else str(r.first_failure) for r in runs]
         out.first_failure = {k: keys.count(k) for k in sorted(set(keys), key=distance_order)}
         out.mean_survived = sum(r.survived for r in runs) / len(runs)
         return out
 
+    def interval(self, k: int) -> Interval | None:
+        """The Wilson 95 % interval of SR@k (dialogues as the independent units); None when no dialogue reached k."""
+        n = self.dialogues_at_k.get(k, 0)
+        return wilson(self.successes_at_k.get(k, 0), n) if n else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "sr_at_k": {str(k): v for k, v in self.sr_at_k.items()},
             "dialogues_at_k": {str(k): v for k, v in self.dialogues_at_k.items()},
+            "successes_at_k": {str(k): v for k, v in self.successes_at_k.items()},
+            "ci95": {str(k): ci.to_list() for k in self.sr_at_k if (ci := self.interval(k)) is not None},
             "first_failure": dict(self.first_failure),
             "mean_survived": self.mean_survived,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SuccessRates:
+        sr = {int(k): float(v) for k, v in d["sr_at_k"].items()}
+        n = {int(k): int(v) for k, v in d["dialogues_at_k"].items()}
+        # reports written before successes_at_k was recorded: the counts follow from the rates
+        succ = d.get("successes_at_k") or {str(k): round(sr[k] * n[k]) for k in sr}
         return cls(
-            sr_at_k={int(k): float(v) for k, v in d["sr_at_k"].items()},
-            dialogues_at_k={int(k): int(v) for k, v in d["dialogues_at_k"].items()},
+            sr_at_k=sr,
+            dialogues_at_k=n,
             first_failure={str(k): int(v) for k, v in d["first_failure"].items()},
             mean_survived=float(d["mean_survived"]),
+            successes_at_k={int(k): int(v) for k, v in succ.items()},
         )

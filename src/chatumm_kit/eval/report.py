@@ -368,13 +368,19 @@ class BenchmarkReport:
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
         ax = axes[-1]
-        for name, m in self.models.items():
-            ks = sorted(m.free_running.sr_at_k)
-            ax.plot(ks, [m.free_running.sr_at_k[k] for k in ks], marker="o", label=name)
+        for i, (name, m) in enumerate(self.models.items()):
+            sr = m.free_running
+            ks = sorted(sr.sr_at_k)
+            ys = [sr.sr_at_k[k] for k in ks]
+            cis = [sr.interval(k) for k in ks]
+            lo = [0.0 if ci is None else y - ci.low for y, ci in zip(ys, cis)]
+            hi = [0.0 if ci is None else ci.high - y for y, ci in zip(ys, cis)]
+            xs = [k + 0.06 * (i - (len(self.models) - 1) / 2) for k in ks]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
         ax.set_xlabel("k (turns)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(-0.05, 1.05)
-        ax.set_title("SR@k (free-running, stop at first failure)", fontsize=9)
+        ax.set_title("SR@k (free-running, stop at first failure; Wilson 95 % over dialogues)", fontsize=9)
         ax.grid(alpha=0.3)
         if self.models:
             axes[0].legend(fontsize=8)
@@ -412,6 +418,27 @@ class BenchmarkReport:
             + "\n".join(
                 "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
             )
+        )
+
+    def success_rate_table(self, *, max_k: int = 5) -> str:
+        """A plain-text table of SR@k for k = 1..``max_k``: per model the rate, successes / dialogues and the Wilson
+        95 % interval (dialogues are the independent units, :class:`~.metrics.SuccessRates`)."""
+        rows = [["SR@k", "model", "rate", "successes/n", "wilson95 (dialogues)"]]
+        for k in range(1, max_k + 1):
+            for name, m in self.models.items():
+                sr = m.free_running
+                if k not in sr.sr_at_k:
+                    continue
+                ci = sr.interval(k)
+                rows.append(
+                    [f"SR@{k}", name, _fmt(sr.sr_at_k[k]), f"{sr.successes_at_k.get(k, 0)}/{sr.dialogues_at_k[k]}",
+                     _fmt_ci(None if ci is None else ci.to_list())]
+                )  # fmt: skip
+        if len(rows) == 1:
+            return "free-running SR@k: not measured"
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "free-running SR@k (stop at first failure)\n" + "\n".join(
+            "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
         )
 
     def summary_table(self, *, max_k: int = 5) -> str:
