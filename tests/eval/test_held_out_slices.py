@@ -80,3 +80,16 @@ def test_chatumm_eval_reports_the_recomposed_and_unseen_vocabulary_slices_apart(
     assert report.slice == "recomposed" and report.data.num_dialogues == 1
     assert (out / "recomposed_first1" / "index.json").is_file()
     assert not (tmp_path / "summary" / "eval_report_unseen_vocab.json").exists()
+    # with a baseline (the main job's single-turn model): both on the same dialogues, the paired differences
+    both = summarise(
+        checkpoint=str(trained_checkpoint),
+        recipe=str(recipe),
+        name="multi",
+        overrides=["+benchmark.max_dialogues=1", f"output_dir={tmp_path / 'summary2'}"],
+        baseline=str(trained_checkpoint),
+        baseline_name="single",
+    )
+    h = both.headline()
+    assert list(both.models) == ["multi", "single"] and (h["model"], h["baseline"]) == ("multi", "single")
+    assert both.models["multi"].turns == both.models["single"].turns  # the same weights, dialogues and seeds
+    assert h["baseline_history_turns_d2plus"] == h["history_turns_d2plus"] and "history_vqa_acc_d2plus_diff" in h

@@ -210,11 +210,21 @@ def _held_out_shards(cfg: DictConfig, key: str) -> tuple[str, str | None]:
     raise RecipeError(f"{key}: built {type(heldout).__name__}, expected a SynthPipeline or a shard path")
 
 
-def summarise(*, checkpoint: str, recipe: str = "shapes/eval", name: str = "model", overrides: list[str] | None = None):
+def summarise(
+    *,
+    checkpoint: str,
+    recipe: str = "shapes/eval",
+    name: str = "model",
+    overrides: list[str] | None = None,
+    baseline: str | None = None,
+    baseline_name: str = "baseline",
+):
     """Evaluate one checkpoint with ``recipe``'s held-out set and settings (its ``models`` and ``prepare`` are
-    replaced) and print the summary; a training recipe's ``report`` step (called with the final ``checkpoint``)."""
+    replaced) and print the summary; a training recipe's ``report`` step (called with the final ``checkpoint``).
+    With ``baseline`` (a checkpoint path, e.g. the single-turn model a ``prepare`` step trained) it is evaluated
+    second, on the same dialogues, so the report holds the ``baseline_*`` cells and the paired differences."""
     cfg = load_recipe(recipe, overrides or [])
-    cfg.models = {name: checkpoint}
+    cfg.models = {name: checkpoint, **({baseline_name: baseline} if baseline is not None else {})}
     cfg.prepare = []
     with open_dict(cfg):
         cfg.pop(UNSEEN_VOCAB_KEY, None)  # the training run's summary: the headline slice only
