@@ -359,3 +359,16 @@ def test_respond_batch_with_think_modes_equals_one_by_one_and_undoes_all(model, 
     for s, then in zip(batch, before):
         assert [t.role for t in s.dialogue.turns] == [Role.USER]
         assert_same(frozen(s), then)
+
+
+def test_prompt_put_first_is_the_same_stream_without_a_second_prefill(model, tok):
+    inserted, first = new_session(model, tok), new_session(model, tok)
+    inserted.add_user("make it blue", images=[picture(5)])
+    assert first.think_prompt("think_edit") == BAGEL_THINK_IMAGE_PROMPT and first.think_prompt("think") is None
+    first.add_system(first.think_prompt("think_edit"))
+    first.add_user("make it blue", images=[picture(5)])
+    a = inserted.respond(mode="think_edit", max_new_tokens=4, sampler=FAST)
+    b = first.respond(mode="think_edit", max_new_tokens=4, sampler=FAST)
+    assert a.system_turn == 0 and b.system_turn is None and inserted.dialogue == first.dialogue
+    assert a.think == b.think and torch.equal(a.images[0], b.images[0])
+    assert_same(frozen(inserted), frozen(first))

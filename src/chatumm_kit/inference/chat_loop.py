@@ -27,6 +27,7 @@ from typing import TextIO
 
 from torchvision.io import write_png
 
+from chatumm_kit.data.dialogue import Role
 from chatumm_kit.data.image_decode import ImageDecodeError, load_rgb
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.script import play_line, read_script
@@ -84,7 +85,11 @@ def interactive(
         if line.startswith("/"):
             write.write(f"error: unknown command {line.split()[0]!r} (/image PATH, /rollback N, /save DIR, /quit)\n")
             continue
-        turn = session.add_user(text=line, images=pending)
+        turn = session.num_turns
+        prompt = session.think_prompt(respond_kwargs.get("mode", "auto"))
+        if prompt is not None and (turn == 0 or session.dialogue.turns[-1].role is not Role.USER):
+            session.add_system(prompt)  # the think prompt before the message: prefilled once (SPEC §4.1)
+        session.add_user(text=line, images=pending)
         pending = []
         try:
             reply = session.respond(sampler=sampler, **respond_kwargs)

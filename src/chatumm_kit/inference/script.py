@@ -26,6 +26,7 @@ from typing import Any
 
 from torchvision.io import write_png
 
+from chatumm_kit.data.dialogue import Role
 from chatumm_kit.data.image_decode import ImageDecodeError, load_rgb
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.session import ChatSession, check_reply_options
@@ -122,14 +123,18 @@ def play_line(
         images = [load_rgb(Path(base_dir) / p) for p in paths]
     except ImageDecodeError as e:
         raise ValueError(f"script line {n}: {e}") from None
-    turn = session.add_user(text, images=images)
+    options = {"mode": mode, **dict(line.get("respond") or {})}
+    first = session.num_turns
+    prompt = session.think_prompt(options["mode"])
+    if prompt is not None and (first == 0 or session.dialogue.turns[-1].role is not Role.USER):
+        session.add_system(prompt)  # the think prompt before the user turn: prefilled once (SPEC §4.1)
+    session.add_user(text, images=images)
     try:
-        options = {"mode": mode, **dict(line.get("respond") or {})}
         if options.get("image_size") is not None:
             options["image_size"] = tuple(options["image_size"])
         reply = session.respond(sampler=sampler, **options)
     except Exception as e:  # whatever went wrong, the session goes back to before this line
-        session.rollback(turn)
+        session.rollback(first)
         raise ValueError(f"script line {n}: the reply failed: {type(e).__name__}: {e}") from None
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)

@@ -459,6 +459,21 @@ class ChatSession:
             raise TypeError(f"add_system: the system prompt must be a str, got {type(text).__name__}")
         return self.add_turn(Role.SYSTEM, [text])
 
+    def think_prompt(self, mode: str) -> str | None:
+        """The system prompt a reply in ``mode`` puts before the user block: ``config.think_text_prompt`` for
+        ``think_text``, ``config.think_image_prompt`` for ``think_image`` / ``think_edit``; None for the other modes and
+        for ``think`` (its prompt follows the intent predicted after the user turn). :meth:`add_system` of it before
+        :meth:`add_user` saves prefilling the user turn a second time (the reply then finds it in place).
+
+        Example:
+            >>> session.add_system(session.think_prompt("think_image")); session.add_user("draw a cat")  # doctest: +SKIP
+        """
+        if mode == "think_text":
+            return self.config.think_text_prompt
+        if mode in ("think_image", "think_edit"):
+            return self.config.think_image_prompt
+        return None
+
     def add_assistant(self, text: str | None = None, images: Sequence[torch.Tensor] = ()) -> int:
         """Append a known assistant turn (history replay): its images first, then its text. Returns its index."""
         return self.add_turn(Role.ASSISTANT, [*images, *([text] if text is not None else [])])
@@ -638,8 +653,7 @@ class ChatSession:
                     logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator
                 )
                 task = _Task(mode="think_text" if choice == allowed[0] else "think_image", vae_size=task.vae_size)
-            prompt = self.config.think_text_prompt if task.mode == "think_text" else self.config.think_image_prompt
-            system_turn = self._put_system_before_block(prompt)
+            system_turn = self._put_system_before_block(self.think_prompt(task.mode))
             k = self.num_turns
         self._marks.append(self._snapshot())
         try:
