@@ -653,7 +653,8 @@ class ChatSession:
                     logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator
                 )
                 task = _Task(mode="think_text" if choice == allowed[0] else "think_image", vae_size=task.vae_size)
-            system_turn = self._put_system_before_block(self.think_prompt(task.mode))
+            prompt = self.config.think_text_prompt if task.mode == "think_text" else self.config.think_image_prompt
+            system_turn = self._put_system_before_block(prompt)
             k = self.num_turns
         self._marks.append(self._snapshot())
         try:
