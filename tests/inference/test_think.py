@@ -13,6 +13,7 @@ with those three contexts.
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from chatumm_kit.convert.bagel import load_bagel
 from chatumm_kit.data.dialogue import Dialogue, ImageSegment, Role, TextSegment
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.inference.batch import respond_batch
+from chatumm_kit.inference.chat_loop import interactive
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.session import ChatSession, SessionConfig
 from chatumm_kit.inference.steps import VelocityStep, drive, run_alone
@@ -372,3 +374,21 @@ def test_prompt_put_first_is_the_same_stream_without_a_second_prefill(model, tok
     assert a.system_turn == 0 and b.system_turn is None and inserted.dialogue == first.dialogue
     assert a.think == b.think and torch.equal(a.images[0], b.images[0])
     assert_same(frozen(inserted), frozen(first))
+
+
+def test_interactive_chat_puts_the_prompt_first_and_prints_reasoning_apart(model, tok, tmp_path: Path):
+    s = new_session(model, tok)
+    written = io.StringIO()
+    with steer(model, [*tok.encode("<think> red </think> it is red"), tok.im_end_id]):
+        interactive(
+            s,
+            sampler=FAST,
+            out=tmp_path,
+            lines=["what colour is it", "/quit"],
+            write=written,
+            respond_kwargs={"mode": "think_text", "max_new_tokens": 40},
+        )
+    assert [t.role for t in s.dialogue.turns] == [Role.SYSTEM, Role.USER, Role.ASSISTANT]
+    assert s.dialogue.turns[0].text == BAGEL_THINK_TEXT_PROMPT
+    lines = written.getvalue().splitlines()
+    assert "assistant (think): <think> red </think>" in lines and "assistant: it is red" in lines

@@ -32,6 +32,7 @@ from chatumm_kit.data.image_decode import ImageDecodeError, load_rgb
 from chatumm_kit.inference.sampler import SamplerConfig
 from chatumm_kit.inference.script import play_line, read_script
 from chatumm_kit.inference.session import ChatSession
+from chatumm_kit.inference.think import split_think
 
 __all__ = ["interactive", "play_script"]
 
@@ -97,10 +98,11 @@ def interactive(
             session.rollback(turn)
             write.write(f"error: the reply failed: {type(e).__name__}: {e}\n")
             continue
-        if reply.think and reply.think != reply.text:
+        answer = split_think(reply.text)[1]  # a think_text reply: its answer after the reasoning
+        if reply.think:
             write.write(f"assistant (think): {reply.think}\n")
-        if reply.text:
-            write.write(f"assistant: {reply.text}\n")
+        if answer:
+            write.write(f"assistant: {answer}\n")
         for i, img in enumerate(reply.images):
             path = out / f"turn{reply.turn_index}_{i}.png"
             write_png(img, str(path))
