@@ -28,15 +28,15 @@ from chatumm_kit.inference.batch import respond_batch
 
 def _assert_contexts_match_packing(s, turns, images):
     """full / text-unconditional / image-unconditional == the packer's stream with CFG dropout forced (SPEC §4, §4.1:
-    text-uncond drops the trailing user text, image-uncond drops every image view). A next user turn is added first,
-    so that positions (dropped views advance by 1, SPEC §3) show in its tokens."""
+    text-uncond drops the trailing user text, image-uncond the trailing user block's image views — none here). A next
+    user turn is added first, so that positions show in its tokens."""
     s.add_user("it is red")
     turns = [*turns, (Role.USER, [TextSegment("it is red")])]
     user_turn = len(turns) - 1
     for drop, kwargs, name in [
         (NO_DROP, {}, "full"),
         (TEXT_UNCOND, {"drop_text_of": {user_turn}}, "text_uncond"),
-        (IMAGE_UNCOND, {"drop_images": True}, "image_uncond"),
+        (IMAGE_UNCOND, {}, "image_uncond"),
     ]:
         cache, out, position = packed_run(s.model, packer(s.tokenizer, drop), dialogue(turns, images, **kwargs))
         ctx = getattr(s.contexts, name)

@@ -86,8 +86,10 @@ def packer(tok, drop: CFGDropRates = NO_DROP) -> Packer:
     return Packer(tokenizer=tok, vit_patch_size=8, vae_token_stride=8, max_image_side=32, drop_rates=drop)
 
 
-def dialogue(turns: list[tuple[Role, list], ...], images, *, drop_text_of: set[int] = frozenset(), drop_images=False):
-    """Reference sample; ``drop_text_of`` marks those turns' text droppable, ``drop_images`` every image."""
+def dialogue(
+    turns: list[tuple[Role, list], ...], images, *, drop_text_of: set[int] = frozenset(), drop_images_of=frozenset()
+):
+    """Reference sample; ``drop_text_of`` / ``drop_images_of`` mark those turns' text / images droppable."""
     built = []
     for i, (role, segs) in enumerate(turns):
         out = []
@@ -95,7 +97,7 @@ def dialogue(turns: list[tuple[Role, list], ...], images, *, drop_text_of: set[i
             if isinstance(s, TextSegment):
                 out.append(TextSegment(s.text, droppable=i in drop_text_of))
             else:
-                out.append(ImageSegment(s.image, droppable=drop_images))
+                out.append(ImageSegment(s.image, droppable=i in drop_images_of))
         built.append(Turn(role=role, segments=out, trainable=False))
     return DialogueSample(dialogue=Dialogue(id="ref", turns=built), images=images, key="ref")
 
@@ -166,19 +168,27 @@ def test_unconditional_contexts_equal_packing_with_forced_cfg_dropout(model, tok
     cache, _, position = packed_run(model, packer(tok, TEXT_UNCOND), dialogue(THREE, images, drop_text_of={2}))
     assert_same_cache(s.contexts.text_uncond.cache, cache)
     assert s.contexts.text_uncond.position == position
-    # image-unconditional: every image view dropped (each still advances the position by 1)
-    cache, _, position = packed_run(model, packer(tok, IMAGE_UNCOND), dialogue(THREE, images, drop_images=True))
+    # image-unconditional: the current user block holds no image, so it is the full context (history images stay)
+    assert s.contexts.image_uncond is s.contexts.full
+    # a block with an image: that image's views dropped (each still advances the position by 1), history kept
+    s.rollback(2)
+    s.add_user("what colour is it", images=[image(3)])
+    turns = [*THREE[:2], (Role.USER, [ImageSegment("c"), TextSegment("what colour is it")])]
+    images["c"] = image(3)
+    cache, _, position = packed_run(model, packer(tok, IMAGE_UNCOND), dialogue(turns, images, drop_images_of={2}))
     assert_same_cache(s.contexts.image_uncond.cache, cache)
-    assert s.contexts.image_uncond.position == position
+    assert s.contexts.image_uncond.position == position == s.position
 
 
 def test_context_sizes_differ_by_exactly_the_dropped_segments(model, tok):
     s = three_turns(model, tok)
+    s.rollback(2)
+    s.add_user("what colour is it", images=[image(3), image(4)])
     c = s.contexts
     user_text = len(tok.encode("what colour is it")) + 2
     assert c.full.num_tokens - c.text_uncond.num_tokens == user_text
     assert c.full.position - c.text_uncond.position == user_text
-    assert c.full.num_tokens - c.image_uncond.num_tokens == 2 * 2 * VIEW_TOKENS  # two images, two views each
+    assert c.full.num_tokens - c.image_uncond.num_tokens == 2 * 2 * VIEW_TOKENS  # the block's two images, two views
     assert c.image_uncond.position == c.full.position
 
 
@@ -229,7 +239,7 @@ def test_generated_image_reenters_like_a_packed_untrained_assistant_image(model,
     for drop, kwargs, name in [
         (NO_DROP, {}, "full"),
         (TEXT_UNCOND, {"drop_text_of": {0}}, "text_uncond"),
-        (IMAGE_UNCOND, {"drop_images": True}, "image_uncond"),
+        (IMAGE_UNCOND, {"drop_images_of": {0}}, "image_uncond"),  # the user's image dropped, the generated kept
     ]:
         cache, out, _ = packed_run(model, packer(tok, drop), dialogue(turns, images, **kwargs))
         assert_same_cache(getattr(s.contexts, name).cache, cache)
@@ -241,7 +251,7 @@ def test_generated_image_reenters_like_a_packed_untrained_assistant_image(model,
     for drop, kwargs, name in [
         (NO_DROP, {}, "full"),
         (TEXT_UNCOND, {"drop_text_of": {2}}, "text_uncond"),
-        (IMAGE_UNCOND, {"drop_images": True}, "image_uncond"),
+        (IMAGE_UNCOND, {}, "image_uncond"),  # a new block without images: nothing dropped
     ]:
         cache, _, position = packed_run(model, packer(tok, drop), dialogue(turns, images, **kwargs))
         ctx = getattr(s.contexts, name)
@@ -413,3 +423,70 @@ def test_a_failing_turn_leaves_the_session_unchanged(model, tok):
     assert s.num_turns == 3 and set(s.images) == {"img0", "img1"}
     assert {name: (c.num_tokens, c.position) for name, c in vars(s.contexts).items()} == before
     assert torch.equal(s.next_token_logits(), logits)
+
+
+# ---------------------------------------------------------------------------------------------- CFG contexts = training
+def test_image_unconditional_context_is_what_cfg_training_dropout_removes(model, tok):
+    """SPEC §4: the image-unconditional context of a reply image is the one CFG training dropout shows that image.
+
+    The training form of the dialogue: every assistant turn trainable, droppable segments marked by the kit's default
+    policy (``data/droppable.py``). The reference is the packed training sequence with the dropout draw that removes
+    the views of the current request's image; the keys the noised target's first token may attend (the GCA mask row,
+    SPEC §3) must be the session's image-unconditional cache, and its position the session's."""
+    from chatumm_kit.components.splits import Modality
+    from chatumm_kit.data.droppable import DroppablePolicy, mark_droppable
+
+    a, b, c, d = image(1), image(2), image(3), image(4)
+    s = new_session(model, tok)
+    s.add_user("draw a red circle", images=[a])
+    s.add_assistant(images=[b])
+    s.add_user("make it blue", images=[c])
+    keys = dict(zip(("a", "b", "c"), s.images, strict=True))
+    images = {keys["a"]: a, keys["b"]: b, keys["c"]: c, "d": d}
+    training = Dialogue(
+        id="ref",
+        turns=[
+            Turn(role=Role.USER, segments=[ImageSegment(keys["a"]), TextSegment("draw a red circle")]),
+            Turn(role=Role.ASSISTANT, segments=[ImageSegment(keys["b"])]),
+            Turn(role=Role.USER, segments=[ImageSegment(keys["c"]), TextSegment("make it blue")]),
+            Turn(role=Role.ASSISTANT, segments=[ImageSegment("d")]),
+        ],
+    )
+    marked = mark_droppable(training, DroppablePolicy.IMAGE_REPLIES)
+    pk = packer(tok)
+    plan = pk.plan(DialogueSample(dialogue=marked, images=images, key="ref"))
+    views = (Modality.VAE_CLEAN, Modality.VIT)
+    # the draw that drops the current request's (turn 2) image views, and nothing else
+    keep = [not (p.droppable and p.turn == 2 and p.modality in views) for p in plan.pieces]
+    # what the dropout may ever remove: the views of both user images; never the generated image b
+    droppable_views = {(p.turn, p.image) for p in plan.pieces if p.droppable and p.modality in views}
+    assert droppable_views == {(0, keys["a"]), (2, keys["c"])}
+    pk._keep_mask = lambda plan, generator: keep  # force that draw
+    batch = pk.pack([DialogueSample(dialogue=marked, images=images, key="ref")])
+    n_noised = sum(p.num_tokens - 2 for p in plan.pieces if p.modality is Modality.VAE_NOISED)
+    flow = FlowInputs(timesteps=torch.full((2,), 0.5), noise=torch.randn(n_noised, model.vae.token_dim))
+    with torch.no_grad():
+        hidden, _, _ = model.embed(batch, flow)
+        cache = model.backbone.new_kv_cache()
+        mask = model.mask_builder.dense(batch.splits)
+        model.backbone(
+            hidden,
+            position_ids=batch.position_ids,
+            und_indices=batch.und_indices,
+            gen_indices=batch.gen_indices,
+            attn_mask=mask,
+            kv_cache=cache,
+            commit=True,
+        )
+    # the noised view of d (the last noised split): its first token's mask row, without its own split
+    target, length = [(start, n) for start, n, *_, modality in batch.splits.rows() if modality is Modality.VAE_NOISED][
+        -1
+    ]
+    row = mask.reshape(mask.shape[-2], mask.shape[-1])[target]
+    visible = [k for k in range(row.shape[0]) if bool(row[k]) and not target <= k < target + length]
+    ctx = s.contexts.image_uncond
+    assert ctx is not s.contexts.full and ctx.num_tokens == len(visible)
+    assert ctx.position == int(batch.position_ids[target]) == s.position
+    for layer in range(cache.num_layers):
+        torch.testing.assert_close(ctx.cache.keys(layer), cache.keys(layer)[..., visible, :], atol=ATOL, rtol=0)
+        torch.testing.assert_close(ctx.cache.values(layer), cache.values(layer)[..., visible, :], atol=ATOL, rtol=0)

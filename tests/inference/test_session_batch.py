@@ -25,7 +25,7 @@ from chatumm_kit.presets import build_model
 
 TEXTS = ["draw a red circle", "what colour is it", "it is red", "make it blue", "a blue square"]
 CONFIG = SessionConfig(vit_patch_size=8, vae_token_stride=8, max_image_side=32, image_size=(32, 32))
-WIDE = replace(CONFIG, image_size=(16, 32))  # a 2x4 latent grid instead of 4x4
+WIDE = replace(CONFIG, image_size=(16, 32), edits_at_input_size=False)  # a 2x4 latent grid instead of 4x4
 EXACT = 1e-10  # float64
 
 
@@ -59,10 +59,10 @@ def chat(model, tok, history: str, config: SessionConfig = CONFIG) -> ChatSessio
         s.add_user("draw a red circle")
     elif history == "image+text":
         s.add_user("what colour is it", images=[image(1)])
-    elif history == "long":  # three turns, two images
+    elif history == "long":  # three turns, three images (the last one attached to the pending request)
         s.add_user("draw a red circle", images=[image(2)])
         s.add_assistant("it is red", images=[image(3)])
-        s.add_user("make it blue")
+        s.add_user("make it blue", images=[image(5)])
     elif history == "image":  # a user block without text: the text-unconditional context is the full one
         s.add_user(images=[image(4)])
     else:

@@ -10,8 +10,9 @@ Policies:
 * ``image-replies`` (the default): every segment of a user turn that is answered by a *generated image* (the next
   turn is a trainable assistant turn holding an image) is droppable. Why: classifier-free guidance at inference runs
   the image reply under two extra contexts — without the trailing user text (text-unconditional) and without the
-  images (image-unconditional), SPEC §4 — so the model must have seen its image targets under exactly those
-  missing conditions. A turn answered with text only is left whole: dropping the question of a text answer teaches
+  trailing user turn's images (image-unconditional), SPEC §4 — so the model must have seen its image targets under
+  exactly those missing conditions. Earlier turns and generated images are never dropped for the current target, so
+  the chat's contexts keep them (``inference/session.py`` builds exactly these contexts). A turn answered with text only is left whole: dropping the question of a text answer teaches
   the language model to answer questions it never saw, which is noise for cross-entropy.
 * ``user-turns``: every segment of every user turn (more dropout, also for text answers).
 * ``none``: mark nothing.

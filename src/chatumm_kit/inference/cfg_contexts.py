@@ -6,14 +6,17 @@ What each context holds is defined in ``inference/session.py``; their velocities
 * **sharing** — an unconditional context that equals ``full`` is not stored (``None`` internally, ``full`` itself in
   :attr:`GuidanceContexts.view`); at the first piece it must drop, it is forked from ``full`` right there (cache rows
   copied, not recomputed), so a shared prefix is computed once;
-* **keep rules** — :func:`keep_text_uncond` (drop the user block's text) and :func:`keep_image_uncond` (text only);
+* **keep rules** — :func:`keep_text_uncond` (drop the user block's text) and :func:`keep_image_uncond` (drop the user
+  block's image views). Both unconditional contexts belong to the current *user block* and restart with the next
+  one: each drops only what CFG training dropout drops for the image being generated (``data/droppable.py`` marks
+  the segments of the user turn a generated image answers);
 * **snapshots** — :meth:`GuidanceContexts.snapshot` / :meth:`GuidanceContexts.restore` for rollback (caches are
-  truncated; a text-unconditional context replaced by a later user block is rebuilt from ``full``).
+  truncated; an unconditional context replaced by a later user block is rebuilt from ``full``).
 
 Example:
     >>> ctxs = GuidanceContexts(runner=runner)                                              # doctest: +SKIP
     >>> ctxs.start_user_block(0)                                                            # doctest: +SKIP
-    >>> last = ctxs.extend(chunk, keep_text_uncond(pieces, Role.USER), keep_image_uncond(pieces))  # doctest: +SKIP
+    >>> last = ctxs.extend(chunk, keep_text_uncond(pieces, Role.USER), keep_image_uncond(pieces, Role.USER))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ def keep_text_uncond(pieces: Sequence[StreamPiece], role: Role) -> list[bool]:
     return [not (role is Role.USER and p.modality is Modality.TEXT) for p in pieces]
 
 
-def keep_image_uncond(pieces: Sequence[StreamPiece]) -> list[bool]:
-    """The image-unconditional context keeps text only."""
-    return [p.modality is Modality.TEXT for p in pieces]
+def keep_image_uncond(pieces: Sequence[StreamPiece], role: Role) -> list[bool]:
+    """The image-unconditional context drops the image views (clean VAE and ViT) of user turns (of the current
+    block) and keeps the rest: earlier turns' images, user or generated, stay — CFG training dropout never removes
+    them from the context of the image being trained (``data/droppable.py``), so the model never saw them missing."""
+    return [not (role is Role.USER and p.modality is not Modality.TEXT) for p in pieces]
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,9 @@ class GuidanceContexts:
         return SessionContexts(full=full, text_uncond=self.text_uncond or full, image_uncond=self.image_uncond or full)
 
     def start_user_block(self, turn_index: int) -> None:
-        """A user turn after an assistant turn (or the first turn): the text-unconditional context restarts."""
-        self.text_uncond, self.block_start = None, turn_index
+        """A user turn after an assistant turn (or the first turn): both unconditional contexts restart (shared with
+        ``full`` until the block drops something)."""
+        self.text_uncond, self.image_uncond, self.block_start = None, None, turn_index
 
     def extend(self, chunk: EmbeddedChunk, keep_text: list[bool], keep_image: list[bool]) -> torch.Tensor:
         """Append ``chunk`` to every context by its keep rule; returns the full context's last output ``[D]``."""
@@ -114,7 +120,7 @@ class GuidanceContexts:
 
     def extend_unconditional(self, chunk: EmbeddedChunk) -> None:
         """Append assistant pieces that ``full`` already holds (decoded token by token) to the stored unconditional
-        contexts; both keep assistant text, so a shared one stays shared."""
+        contexts; both keep everything an assistant adds, so a shared one stays shared."""
         for ctx in (self.text_uncond, self.image_uncond):
             if ctx is not None:
                 self.runner.prefill(ctx, chunk, [True] * len(chunk))
@@ -144,34 +150,36 @@ class GuidanceContexts:
         self,
         mark: ContextMark,
         *,
-        text_uncond_needed: bool,
+        block_pending: bool,
         block_full: ContextMark,
-        block_chunks: Callable[[], Iterable[tuple[EmbeddedChunk, list[bool]]]],
+        block_chunks: Callable[[], Iterable[tuple[EmbeddedChunk, list[bool], list[bool]]]],
     ) -> None:
         """Go back to ``mark`` (taken earlier on this same stream).
 
         Args:
             mark: the snapshot.
-            text_uncond_needed: whether a user block is pending at ``mark`` (else the text-unconditional context
-                is dropped: the next user block restarts it anyway).
+            block_pending: whether a user block is pending at ``mark`` (else both unconditional contexts are dropped:
+                the next user block restarts them anyway).
             block_full: the snapshot taken when ``mark``'s user block began (its ``full`` state is where the block's
-                text-unconditional context forks from when it must be rebuilt).
-            block_chunks: the block's turns as ``(chunk, keep_text_uncond)``, for that rebuild.
+                unconditional contexts fork from when they must be rebuilt).
+            block_chunks: the block's turns as ``(chunk, keep_text_uncond, keep_image_uncond)``, for that rebuild.
         """
         self.full.restore(*mark.full)
-        if mark.image_uncond is None:
-            self.image_uncond = None
-        else:  # forked before the mark and never re-forked since (a re-fork needs a rollback past the mark)
-            assert self.image_uncond is not None
-            self.image_uncond.restore(*mark.image_uncond)
-        if mark.text_uncond is None or not text_uncond_needed:
-            self.text_uncond = None
-        elif self.text_uncond is not None and self.block_start == mark.block_start:
-            self.text_uncond.restore(*mark.text_uncond)
-        else:  # a later user block replaced it: full before the block + the block's images (only those recomputed)
-            ctx = self.full.fork()
-            ctx.restore(*block_full.full)
-            for chunk, keep in block_chunks():
-                self.runner.prefill(ctx, chunk, keep)
-            self.text_uncond = ctx
+        rebuild = []
+        for name in ("text_uncond", "image_uncond"):
+            state, ctx = getattr(mark, name), getattr(self, name)
+            if state is None or not block_pending:
+                setattr(self, name, None)
+            elif ctx is not None and self.block_start == mark.block_start:
+                ctx.restore(*state)  # forked before the mark and never re-forked since (same block)
+            else:  # a later user block replaced it: full before the block + the block's kept pieces (recomputed)
+                rebuild.append(name)
+        if rebuild:
+            chunks = list(block_chunks())
+            for name in rebuild:
+                ctx = self.full.fork()
+                ctx.restore(*block_full.full)
+                for chunk, keep_text, keep_image in chunks:
+                    self.runner.prefill(ctx, chunk, keep_text if name == "text_uncond" else keep_image)
+                setattr(self, name, ctx)
         self.block_start = mark.block_start

@@ -15,8 +15,12 @@ is the run of user turns since the last assistant turn (normally one turn).
   (their text and images), the block's images, and every segment of the reply being generated. It is forked from
   ``full`` (rows copied, not recomputed) at the block's first text segment, and it *is* ``full`` (shared, not
   stored) while the block has no text. A new user block starts it afresh.
-* **image-unconditional** — ``full`` without any image view: the text of every turn, no clean VAE or ViT view of
-  any image, user or generated. It is shared with ``full`` until the first image arrives and forked then.
+* **image-unconditional** — ``full`` without the image views (clean VAE and ViT) of the current user block: all
+  earlier turns in full (their text and images, user or generated), the block's text, and every segment of the reply
+  being generated. Like text-unconditional it is shared with ``full`` until the block's first image and restarts
+  with each user block. This is the context CFG training dropout teaches (``data/droppable.py``: only the segments of
+  the user turn a generated image answers are droppable; earlier images, and generated images always, stay), and in
+  a single-turn request it is BAGEL's "every text input but no image" (SPEC §4.1).
 
 Each equals what the packer produces for the dialogue when CFG dropout removes those segments (the tests pack it
 that way): positions follow SPEC §3 for what the context holds, with the training-dropout rule for what it lacks —
@@ -523,7 +527,7 @@ class ChatSession:
             chunk = self.runner.embed(pieces, self.images)
             if turn.role is Role.USER and speaker is not Role.USER:
                 self._contexts.start_user_block(k)  # a new user block (see module docstring)
-            keeps = keep_text_uncond(pieces, turn.role), keep_image_uncond(pieces)
+            keeps = keep_text_uncond(pieces, turn.role), keep_image_uncond(pieces, turn.role)
             self._last_hidden = self._contexts.extend(chunk, *keeps)
             self.dialogue.turns.append(turn)
             self._text_ids.append(_segment_ids(turn, pieces))
@@ -786,7 +790,7 @@ class ChatSession:
         self.images[key] = image
         pieces = run.image_pieces(key, image, segment=segment)
         chunk = run.embed(pieces, self.images)
-        hidden = self._contexts.extend(chunk, [True] * len(pieces), [False] * len(pieces))
+        hidden = self._contexts.extend(chunk, [True] * len(pieces), [True] * len(pieces))  # kept by all three
         return key, image, hidden
 
     def reply_image_size(self) -> tuple[int, int]:
@@ -867,15 +871,16 @@ class ChatSession:
         mark = self._marks[k]
         block = mark.contexts.block_start
 
-        def block_chunks():  # the pending user block's turns, for a text-unconditional rebuild
+        def block_chunks():  # the pending user block's turns, for an unconditional context's rebuild
             for i in range(block, k):
                 turn = self.dialogue.turns[i]
                 pieces = self.runner.turn_pieces(turn, self.images, self._text_ids[i])
-                yield self.runner.embed(pieces, self.images), keep_text_uncond(pieces, turn.role)
+                chunk = self.runner.embed(pieces, self.images)
+                yield chunk, keep_text_uncond(pieces, turn.role), keep_image_uncond(pieces, turn.role)
 
         self._contexts.restore(
             mark.contexts,
-            text_uncond_needed=k > 0 and self.dialogue.turns[k - 1].role is Role.USER,
+            block_pending=k > 0 and self.dialogue.turns[k - 1].role is Role.USER,
             block_full=self._marks[block].contexts if block < k else mark.contexts,
             block_chunks=block_chunks,
         )
