@@ -172,7 +172,16 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-image-prompt", help="system prompt of think mode before an image (default BAGEL's)")
     p.add_argument("--think-text-prompt", help="system prompt of think mode before a text answer (default BAGEL's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy text decoding")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of text and intents (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="cap per text segment (default 64)")
+    p.add_argument("--max-segments", type=int, default=4, help="segments per reply at most (default 4)")
+    p.add_argument(
+        "--view-sizing",
+        choices=("bagel", "capped"),
+        help="how every upload's two views (and generated images) are sized: bagel = VAE 512-1024/16, ViT "
+        "224-980/14 (SPEC §4.1); capped = both views shrink to the larger --image-size side; default: the training "
+        "data's policy stored in the checkpoint, else capped",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights were saved")
     p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda or cuda:1 (default cpu)")
@@ -230,8 +239,14 @@ def _run_chat(args: argparse.Namespace) -> int:
     # Settings and the script are checked before the (slow) checkpoint load: a typo costs one line, not a minute.
     try:
         sampler = chat_sampler_config(args)
-        respond_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mode": args.mode}
-        check_reply_options(top_p=1.0, max_segments=4, **respond_kwargs)
+        respond_kwargs = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_segments": args.max_segments,
+            "mode": args.mode,
+        }
+        check_reply_options(**respond_kwargs)
         if args.image_size:
             SessionConfig(image_size=tuple(args.image_size))
         prompts = {"think_image_prompt": args.think_image_prompt, "think_text_prompt": args.think_text_prompt}
@@ -260,15 +275,25 @@ def _run_chat(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sizing = checkpoint_view_sizing(args.checkpoint, model=loaded.model)  # the training data's (SPEC §4.1)
+    # every upload is sized by the policy: the flag's, else the training data's (SPEC §4.1)
+    given = getattr(args, "view_sizing", None)
+    sizing = checkpoint_view_sizing(args.checkpoint, model=loaded.model) if given is None else given
+    sizing = None if sizing == "capped" else sizing
     image_size = tuple(args.image_size) if args.image_size else (None if sizing else (32, 32))
-    config = SessionConfig.for_model(loaded.model, image_size=image_size, view_sizing=sizing)
-    config = dataclasses.replace(config, **think_prompts)
-    session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config, system=args.system)
+    try:
+        config = SessionConfig.for_model(loaded.model, image_size=image_size, view_sizing=sizing)
+        config = dataclasses.replace(config, **think_prompts)
+        session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config, system=args.system)
+    except ValueError as e:  # e.g. --view-sizing bagel on a model whose ViT patch is not 14
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if args.script:
         try:
-            replies, failed = play_script(session, args.script, out=out, sampler=sampler, mode=args.mode)
+            defaults = {k: v for k, v in respond_kwargs.items() if k != "mode"}
+            replies, failed = play_script(
+                session, args.script, out=out, sampler=sampler, mode=args.mode, respond_defaults=defaults
+            )
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -182,3 +182,18 @@ def test_chat_think_modes_and_system_prompts(trained_checkpoint, tmp_path, capsy
     assert records[2]["think"] == ""
     assert main(["chat", str(trained_checkpoint), "--think-text-prompt", ""]) == 2
     assert "think_text_prompt must be a non-empty string" in capsys.readouterr().err
+
+
+def test_reply_flags_reach_a_script_and_view_sizing_is_checked(trained_checkpoint, tmp_path, capsys):
+    script = tmp_path / "d.jsonl"
+    script.write_text(json.dumps({"user": "Draw a circle."}) + "\n" + json.dumps({"user": "What colour is it?"}) + "\n")
+    out = tmp_path / "o"
+    flags = ["--script", str(script), "--out", str(out), "--steps", "1", "--max-segments", "1", "--top-p", "0.9"]
+    assert main(["chat", str(trained_checkpoint), *flags]) == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert [len(r["intents"]) for r in records] == [1, 1]  # one segment each, no <|end|> predicted: the flag held
+    # a policy whose strides are not the model's: one line, exit 2 (chat_tiny's ViT patch is 8, BAGEL's is 14)
+    assert main(["chat", str(trained_checkpoint), *flags, "--view-sizing", "bagel"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["chat", str(trained_checkpoint), "--script", str(script), "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

@@ -85,6 +85,7 @@ __all__ = [
     "chatumm_bagel",
     "export_bagel",
     "kit_folder",
+    "kit_folder_architecture",
     "load_bagel",
     "load_kit_folder",
     "qwen2_config_from_mot",
@@ -607,6 +608,24 @@ def kit_folder(
     the VAE posterior in training, SPEC §4.1) — recipe keys like any model spec's.
     """
     model = load_kit_folder(path).module
+    return _with_settings(model, attn_backend, gradient_checkpointing, timestep_shift, sample_posterior).train()
+
+
+def kit_folder_architecture(
+    *,
+    path: str,
+    attn_backend: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    timestep_shift: float | None = None,
+    sample_posterior: bool | None = None,
+) -> ChatUMM:
+    """:func:`kit_folder`'s model built from the folder's ``model.json`` only — the weights are not read (build it
+    under ``torch.device("meta")`` to fill it from a checkpoint of a recipe that started from the folder)."""
+    model = build_model(_read_json(Path(path) / SPEC_FILE))
+    return _with_settings(model, attn_backend, gradient_checkpointing, timestep_shift, sample_posterior)
+
+
+def _with_settings(model, attn_backend, gradient_checkpointing, timestep_shift, sample_posterior) -> ChatUMM:
     if attn_backend is not None:
         model.backbone.config = replace(model.backbone.config, attn_backend=attn_backend)
     if gradient_checkpointing is not None:
@@ -615,4 +634,4 @@ def kit_folder(
         model.timestep_shift = float(timestep_shift)
     if sample_posterior is not None:
         model.sample_posterior = bool(sample_posterior)
-    return model.train()
+    return model

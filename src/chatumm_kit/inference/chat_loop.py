@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from torchvision.io import write_png
 
@@ -118,12 +118,15 @@ def play_script(
     sampler: SamplerConfig,
     errors: TextIO | None = None,
     mode: str = "auto",
+    respond_defaults: Mapping[str, Any] | None = None,
 ) -> tuple[Path, int]:
     """Play a JSON-lines dialogue script (:mod:`chatumm_kit.inference.script`) through ``session``.
 
     Each reply is appended to ``out/replies.jsonl`` (and its images written) as soon as it is made, so a failure on
     line 3 keeps the replies of lines 1–2. A bad line is one ``error:`` line on ``errors`` (stderr by default) and
-    the script goes on with the next. ``mode`` is the task mode of every reply whose line names none. Returns ``(replies.jsonl path, number of bad lines)``.
+    the script goes on with the next. ``mode`` is the task mode of every reply whose line names none, and
+    ``respond_defaults`` its other ``respond`` options (:func:`~.script.play_line`). Returns ``(replies.jsonl path,
+    number of bad lines)``.
 
     Raises:
         ValueError: the script itself cannot be read (missing file, a line that is not a JSON object).
@@ -137,7 +140,14 @@ def play_script(
         for n, line in enumerate(lines):
             try:
                 rec = play_line(
-                    session, n, line, image_dir=out, sampler=sampler, base_dir=Path(script).parent, mode=mode
+                    session,
+                    n,
+                    line,
+                    image_dir=out,
+                    sampler=sampler,
+                    base_dir=Path(script).parent,
+                    mode=mode,
+                    respond_defaults=respond_defaults,
                 )
             except ValueError as e:
                 failed += 1

@@ -103,9 +103,11 @@ def play_line(
     sampler: SamplerConfig | None = None,
     base_dir: str | Path = ".",
     mode: str = "auto",
+    respond_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Play script line ``n``: its record (a reply), or ``None`` for a rollback. ``mode`` is the task mode of a
-    line whose ``respond`` options give none.
+    line whose ``respond`` options give none; ``respond_defaults`` the other ``respond`` options it does not give
+    (``max_new_tokens``, ``temperature``, ``top_p``, ``max_segments``: the chat command's flags).
 
     Raises:
         ValueError: a mistake in the line (keys, types, an image that is not there or not an image, a rollback
@@ -123,7 +125,7 @@ def play_line(
         images = [load_rgb(Path(base_dir) / p) for p in paths]
     except ImageDecodeError as e:
         raise ValueError(f"script line {n}: {e}") from None
-    options = {"mode": mode, **dict(line.get("respond") or {})}
+    options = {"mode": mode, **dict(respond_defaults or {}), **dict(line.get("respond") or {})}
     first = session.num_turns
     prompt = session.think_prompt(options["mode"])
     if prompt is not None and (first == 0 or session.dialogue.turns[-1].role is not Role.USER):

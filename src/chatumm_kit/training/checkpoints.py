@@ -15,6 +15,11 @@ metadata, allocates full tensors for the model (or EMA) entries only — optimiz
 are never read — and lets DCP fill them from the shard files (the offline path of
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``, restricted to the needed keys).
 
+**Reading for inference** (``read_weights(..., convert=...)``): each tensor is handed to ``convert`` (e.g. cast to
+bf16 and moved to the GPU) as soon as it is read, so the stored-dtype copy never exists whole on the host: a file
+checkpoint is memory-mapped (its tensors are views of the page cache), and a DCP folder is read in groups of at most
+``DCP_READ_GROUP_BYTES`` — only the averaged value of each weight is read when ``use_ema`` (not both).
+
 Example:
     >>> export_safetensors("runs/chat/checkpoints/last.ckpt", "release/ema.safetensors", use_ema=True,
     ...                    prefix="model.")  # doctest: +SKIP
@@ -24,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -42,6 +47,11 @@ __all__ = [
 ]
 
 _MODEL_KEY = "state_dict"  # Lightning's name for the model entry, in files and DCP folders alike
+
+DCP_READ_GROUP_BYTES = 1 << 30
+"""Stored bytes read from a DCP folder at once when ``read_weights`` converts as it reads (one group alive at a time)."""
+
+TensorConvert = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class StateDictMismatchError(ValueError):
@@ -66,8 +76,15 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
 
 
-def _read_dcp(path: Path, *, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(model, ema)`` full tensors from a DCP folder; ``ema`` is empty unless ``use_ema``."""
+def _read_dcp(
+    path: Path, *, use_ema: bool, prefix: str = "", convert: TensorConvert | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(model, ema)`` full tensors from a DCP folder; ``ema`` is empty unless ``use_ema``.
+
+    With ``convert``: only the keys under ``prefix`` are read, the EMA value in place of each averaged weight (``ema``
+    comes back empty, ``model`` already holds them), in groups of at most :data:`DCP_READ_GROUP_BYTES` stored bytes,
+    each tensor converted as soon as its group is read.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -89,16 +106,45 @@ def _read_dcp(path: Path, *, use_ema: bool) -> tuple[dict[str, torch.Tensor], di
     )
     if not_tensors:
         raise ValueError(f"read_weights: {path}: non-tensor model entries cannot be exported: {not_tensors}")
-    target: dict[str, torch.Tensor] = {}
-    for k in wanted:
+
+    def empty(k: str) -> torch.Tensor:
         md = metadata.state_dict_metadata[k]
-        target[k] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    with warnings.catch_warnings():  # DCP warns that no process group exists: single-process reading is the point
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(target, storage_reader=reader, no_dist=True)
-    model = {n: target[k] for k, n in wanted.items() if not n.startswith(EMA_KEY_PREFIX)}
-    ema = {n[len(EMA_KEY_PREFIX) :]: target[k] for k, n in wanted.items() if n.startswith(EMA_KEY_PREFIX)}
-    return model, ema
+        return torch.empty(tuple(md.size), dtype=md.properties.dtype)
+
+    def load(target: dict[str, torch.Tensor]) -> None:
+        with warnings.catch_warnings():  # DCP warns that no process group exists: single-process reading is the point
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(target, storage_reader=reader, no_dist=True)
+
+    if convert is None:
+        target = {k: empty(k) for k in wanted}
+        load(target)
+        model = {n: target[k] for k, n in wanted.items() if not n.startswith(EMA_KEY_PREFIX)}
+        ema = {n[len(EMA_KEY_PREFIX) :]: target[k] for k, n in wanted.items() if n.startswith(EMA_KEY_PREFIX)}
+        return model, ema
+    source = {n: k for k, n in wanted.items() if not n.startswith(EMA_KEY_PREFIX)}  # model key -> flat key read
+    if use_ema:
+        averaged = {n[len(EMA_KEY_PREFIX) :]: k for k, n in wanted.items() if n.startswith(EMA_KEY_PREFIX)}
+        if not averaged:
+            raise ValueError(f"read_weights: {path} holds no EMA weights (was EMACallback in the run?)")
+        stray = sorted(averaged.keys() - source.keys())
+        if stray:
+            raise ValueError(f"read_weights: {path}: EMA entries without a model weight: {stray[:20]}")
+        source.update(averaged)
+    source = {n: k for n, k in source.items() if n.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    group: dict[str, str] = {}
+    size = 0
+    for i, (n, k) in enumerate(source.items()):
+        md = metadata.state_dict_metadata[k]
+        group[n], size = k, size + md.size.numel() * md.properties.dtype.itemsize
+        if size >= DCP_READ_GROUP_BYTES or i == len(source) - 1:
+            target = {k: empty(k) for k in group.values()}
+            load(target)
+            for name, flat in group.items():
+                out[name] = convert(name, target.pop(flat))
+            group, size = {}, 0
+    return out, {}
 
 
 def _read_file(
@@ -124,7 +170,12 @@ def _read_file(
 
 
 def read_weights(
-    checkpoint: str | Path, *, use_ema: bool = False, prefix: str = "", weights_only: bool = True
+    checkpoint: str | Path,
+    *,
+    use_ema: bool = False,
+    prefix: str = "",
+    weights_only: bool = True,
+    convert: TensorConvert | None = None,
 ) -> dict[str, torch.Tensor]:
     """Full model weights from a checkpoint file or DCP folder, on CPU, on one process.
 
@@ -134,12 +185,24 @@ def read_weights(
             errors if the checkpoint holds no EMA.
         prefix: keep only keys starting with ``prefix`` and strip it (``"model."`` → the inner model's keys).
         weights_only: ``torch.load`` safety for checkpoint files (DCP folders never unpickle model data).
+        convert: ``(full key, tensor) -> tensor`` applied to each kept tensor as soon as it is read (a cast, a move
+            to the GPU), so the stored copy never exists whole on the host (see the module docstring).
 
     Returns:
-        ``{state-dict key: tensor}`` in the checkpoint's dtypes.
+        ``{state-dict key: tensor}`` in the checkpoint's dtypes (or as ``convert`` made them).
+
+    Example:
+        >>> w = read_weights("last.ckpt", prefix="model.", convert=lambda k, t: t.to("cuda", torch.bfloat16))  # doctest: +SKIP
     """
     path = Path(checkpoint)
     if is_sharded_checkpoint(path):
+        if convert is not None:
+            model, _ = _read_dcp(path, use_ema=use_ema, prefix=prefix, convert=convert)
+            if prefix:
+                if not model:
+                    raise ValueError(f"read_weights: {path}: no key starts with prefix {prefix!r}")
+                model = {k[len(prefix) :]: v for k, v in model.items()}
+            return model
         model, ema = _read_dcp(path, use_ema=use_ema)
     elif path.is_file():
         model, ema = _read_file(path, use_ema=use_ema, weights_only=weights_only)
@@ -156,6 +219,8 @@ def read_weights(
         model = {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
         if not model:
             raise ValueError(f"read_weights: {path}: no key starts with prefix {prefix!r}")
+    if convert is not None:  # a memory-mapped file: each converted tensor is the only new allocation
+        model = {k: convert(prefix + k, v) for k, v in model.items()}
     return model
 
 

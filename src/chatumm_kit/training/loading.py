@@ -48,6 +48,7 @@ from chatumm_kit.training.resume import describe_load_error, unreadable_message
 __all__ = [
     "LoadedModel",
     "load_checkpoint",
+    "model_architecture",
     "checkpoint_hyperparameters",
     "checkpoint_has_ema",
     "checkpoint_view_sizing",
@@ -185,9 +186,13 @@ def load_checkpoint(
         use_ema: True — the EMA weights (error if there are none); False — the raw weights; None — EMA when present.
         tokenizer: a tokenizer, or the path of one, instead of the spec's ``tokenizer``.
         spec_overrides: keys of the model spec to replace (e.g. ``{"vae_weights": "elsewhere/vae.safetensors"}``).
-        device: where the model is built and its weights loaded (``"cuda"``: straight onto the GPU, no model copy on
-            the host; the checkpoint file is memory-mapped). None: the CPU.
-        dtype: the floating-point dtype the loaded model is cast to (e.g. ``torch.bfloat16``); None: as stored.
+        device: where the weights are loaded (``"cuda"``: straight onto the GPU). None: the CPU.
+        dtype: the floating-point dtype the weights are cast to as they are read (e.g. ``torch.bfloat16``); None: as
+            stored.
+
+    The model is built on the meta device and each checkpoint tensor is cast and moved to ``device`` as it is read
+    (``read_weights(convert=...)``: a file is memory-mapped, a sharded folder read in groups), so neither a randomly
+    initialised model nor a full copy of the stored (e.g. fp32 master) weights is ever made on the host.
 
     Raises:
         FileNotFoundError: the checkpoint, or a file the spec names, is missing.
@@ -222,17 +227,40 @@ def load_checkpoint(
     _require_file(spec, "path", path)
 
     ema = checkpoint_has_ema(path) if use_ema is None else bool(use_ema)
-    weights = read_weights(path, use_ema=ema, prefix="model.")
-    with torch.device(device if device is not None else "cpu"):
-        model = build_model(spec)
-    if hparams.get("adapter"):  # trained with LoRA: rebuild the unmerged adapter the weights belong to
-        apply_lora(model, instantiate(hparams["adapter"], path="hyper_parameters.adapter"))
+    target = torch.device(device if device is not None else "cpu")
+
+    def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:  # one tensor at a time, straight to its place
+        cast = dtype if dtype is not None and tensor.is_floating_point() else None
+        return tensor.to(device=target, dtype=cast)
+
+    with torch.device("meta"):  # the architecture only: no weights are allocated until the checkpoint's arrive
+        model = model_architecture(spec)
+        if hparams.get("adapter"):  # trained with LoRA: rebuild the unmerged adapter the weights belong to
+            apply_lora(model, instantiate(hparams["adapter"], path="hyper_parameters.adapter"))
+    weights = read_weights(path, use_ema=ema, prefix="model.", convert=convert)
     try:
-        model.load_state_dict(weights, strict=True, assign=True)  # the trained tensors, in their trained dtype
+        model.load_state_dict(weights, strict=True, assign=True)  # the read tensors become the parameters
     except RuntimeError as err:
         raise ValueError(f"{path}: the weights do not fit the model spec {spec}: {err}") from None
     del weights
-    if dtype is not None:
-        model.to(dtype=dtype)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{path}: the checkpoint does not fill {left[:10]} (the model spec {spec})")
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, spec=spec, checkpoint=str(path), ema=ema)
+
+
+def model_architecture(spec: Mapping[str, Any]) -> ChatUMM:
+    """The model of a (``_component_``-form) spec without reading any weights the spec would load — a kit folder
+    spec builds from the folder's ``model.json`` (:func:`~chatumm_kit.convert.bagel.kit_folder_architecture`), not
+    from its weight file. Build it under ``torch.device("meta")`` and assign the checkpoint's tensors.
+
+    Example:
+        >>> with torch.device("meta"):                                                   # doctest: +SKIP
+        ...     model = model_architecture({"_component_": _KIT_FOLDER, "path": "runs/bagel_7b/kit"})
+    """
+    if spec.get("_component_") == _KIT_FOLDER:
+        from chatumm_kit.convert.bagel import kit_folder_architecture
+
+        return kit_folder_architecture(**{k: v for k, v in spec.items() if k != "_component_"})
+    return build_model(spec)
