@@ -124,7 +124,11 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a ChatUMMSystem checkpoint (.ckpt file or sharded folder)")
+    p.add_argument(
+        "checkpoint",
+        help="a ChatUMMSystem checkpoint (.ckpt file or sharded folder), a kit folder (chatumm convert bagel-to-kit) "
+        "or a BAGEL release folder",
+    )
     p.add_argument("--script", help="a JSON-lines dialogue script to play instead of chatting interactively")
     p.add_argument("--out", default="chat_out", help="where generated images (and replies.jsonl) go")
     p.add_argument(
@@ -191,6 +195,13 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
         help="cast the loaded weights to this dtype (default: as stored)",
     )
     p.add_argument("--adapter", help="a LoRA adapter folder (peft layout) to run unmerged on top of the checkpoint")
+    p.add_argument(
+        "--user-image-views",
+        choices=("vae+vit", "vit"),
+        help="the views an uploaded image enters as: vit = the ViT view only, as BAGEL's understanding mode (the "
+        "default for converted BAGEL weights not trained by the kit); vae+vit = the kit's training layout (the "
+        "default for checkpoints). image and edit replies always get VAE + ViT",
+    )
 
 
 def chat_sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -233,8 +244,13 @@ def _run_chat(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from chatumm_kit.inference.chat_loop import interactive, play_script
-    from chatumm_kit.inference.session import ChatSession, SessionConfig, check_reply_options
-    from chatumm_kit.training.loading import checkpoint_view_sizing, load_checkpoint
+    from chatumm_kit.inference.session import ChatSession, SessionConfig, check_reply_options, user_image_views_for
+    from chatumm_kit.training.loading import (
+        checkpoint_view_sizing,
+        is_model_folder,
+        load_checkpoint,
+        load_model_folder,
+    )
 
     # Settings and the script are checked before the (slow) checkpoint load: a typo costs one line, not a minute.
     try:
@@ -265,9 +281,12 @@ def _run_chat(args: argparse.Namespace) -> int:
             raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-        loaded = load_checkpoint(
-            args.checkpoint, use_ema=False if args.no_ema else None, device=args.device, dtype=dtype
-        )
+        if is_model_folder(args.checkpoint):  # a converted model, not a training checkpoint
+            loaded = load_model_folder(args.checkpoint, device=device, dtype=dtype)
+        else:
+            loaded = load_checkpoint(
+                args.checkpoint, use_ema=False if args.no_ema else None, device=args.device, dtype=dtype
+            )
         if args.adapter:
             from chatumm_kit.training.adapters import load_adapter
 
@@ -277,11 +296,21 @@ def _run_chat(args: argparse.Namespace) -> int:
         return 2
     # every upload is sized by the policy: the flag's, else the training data's (SPEC §4.1)
     given = getattr(args, "view_sizing", None)
-    sizing = checkpoint_view_sizing(args.checkpoint, model=loaded.model) if given is None else given
+    if given is not None:
+        sizing = given
+    elif is_model_folder(args.checkpoint):  # BAGEL's own sizing when the model's strides are BAGEL's (14 / 16)
+        bagel_strides = (loaded.model.vit_patch_size, loaded.model.vae_token_stride) == (14, 16)
+        sizing = "bagel" if bagel_strides else None
+    else:
+        sizing = checkpoint_view_sizing(args.checkpoint, model=loaded.model)
     sizing = None if sizing == "capped" else sizing
     image_size = tuple(args.image_size) if args.image_size else (None if sizing else (32, 32))
+    views = args.user_image_views or user_image_views_for(loaded.weights_origin)
+    print(f"user images enter as: {views} ({loaded.weights_origin.value} weights; --user-image-views to change)")
     try:
-        config = SessionConfig.for_model(loaded.model, image_size=image_size, view_sizing=sizing)
+        config = SessionConfig.for_model(
+            loaded.model, image_size=image_size, view_sizing=sizing, user_image_views=views
+        )
         config = dataclasses.replace(config, **think_prompts)
         session = ChatSession(model=loaded.model, tokenizer=loaded.tokenizer, config=config, system=args.system)
     except ValueError as e:  # e.g. --view-sizing bagel on a model whose ViT patch is not 14

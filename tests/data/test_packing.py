@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from chatumm_kit.components.batch import PackedBatch
 from chatumm_kit.components.splits import AttnMode, Modality
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn
+from chatumm_kit.data.dialogue import Dialogue, DialogueError, DialogueSample, ImageSegment, Role, TextSegment, Turn
 from chatumm_kit.data.image_views import fit_size, grid_rc, resize_image, vae_pixels, vit_patches
 from chatumm_kit.data.packing import (
     CFGDropRates,
@@ -280,6 +280,31 @@ def test_dropped_user_image_keeps_later_positions_and_dropped_text_shifts_them(t
     assert full.position_ids[-n_ok:].tolist() == list(range(2 + n_text, 2 + n_text + n_ok))
     # No hand-over label: the user turn has no kept token left; the reply is fully supervised.
     assert both.ce_indices.tolist() == list(range(n_ok))
+
+
+def test_a_vit_only_user_image_has_one_view_at_one_position(tok) -> None:
+    """``ImageSegment(views="vit")`` (BAGEL's understanding input, SPEC §4.1): v_s + 4 ViT tokens + v_e at position
+    0, the text from position 1 — one clean view fewer than the default, so one position fewer."""
+    turns = lambda views: (  # noqa: E731
+        Turn(role=Role.USER, segments=[ImageSegment("x", views=views), TextSegment("red cat")]),
+        Turn(role=Role.ASSISTANT, segments=[TextSegment("ok")]),
+    )
+    both, vit = (make_packer(tok).pack([_dialogue(*turns(v))]) for v in ("vae+vit", "vit"))
+    assert vit.seq_len == both.seq_len - 6 and torch.equal(vit.position_ids[6:], both.position_ids[12:] - 1)
+    assert vit.position_ids[:7].tolist() == [0] * 6 + [1]
+    assert torch.equal(vit.input_ids[:6], both.input_ids[6:12])  # the same ViT view (markers and placeholders)
+    assert vit.gen_indices.numel() == 0 and both.gen_indices.numel() == 4  # no VAE token: no generation expert
+    assert vit.ce_indices.numel() == both.ce_indices.numel()
+    d = Dialogue(id="v", turns=list(turns("vit")))
+    assert Dialogue.from_dict(d.to_dict()) == d and d.to_dict()["turns"][0]["segments"][0]["views"] == "vit"
+    with pytest.raises(DialogueError, match="'views' must be one of"):
+        Dialogue.from_dict(
+            {"id": "v", "turns": [{"role": "user", "segments": [{"type": "image", "image": "x", "views": "vae"}]}]}
+        )
+    with pytest.raises(DialogueError, match="assistant image enters as 'vae\\+vit' only"):
+        Dialogue(
+            id="v", turns=[turns("vae+vit")[0], Turn(role=Role.ASSISTANT, segments=[ImageSegment("y", views="vit")])]
+        ).validate()
 
 
 def test_rate_zero_draws_nothing_from_the_generator(tok) -> None:

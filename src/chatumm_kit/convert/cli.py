@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from chatumm_kit.convert.provenance import WeightsOrigin, read_weights_origin, write_weights_origin
+
 __all__ = ["DTYPES", "add_arguments", "run"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +73,7 @@ def _bagel_to_kit(args: argparse.Namespace) -> int:
     vae = _read_vae(args.vae) if args.vae else None
     loaded = load_bagel(args.source, vae=vae, dtype=_dtype(args), attn_backend=args.attn_backend)
     out = save_kit_folder(loaded.model, loaded.model_spec, args.output, tokenizer=loaded.tokenizer)
+    write_weights_origin(out, read_weights_origin(args.source))  # BAGEL's release, unless the folder says otherwise
     _say(out, "ChatUMM, chatumm_kit.convert.bagel.chatumm_bagel", loaded.model)
     return 0
 
@@ -85,6 +88,7 @@ def _kit_to_bagel(args: argparse.Namespace) -> int:
             raise BagelConversionError(f"{source}: --ema applies to training checkpoints, not to a kit folder")
         kit = load_kit_folder(source, dtype=_dtype(args))
         module, tokenizer, what = kit.module, kit.tokenizer, "kit folder"
+        origin = read_weights_origin(source)
     else:  # a ChatUMMSystem training checkpoint: a *.ckpt file or a sharded (FSDP2) checkpoint folder
         from chatumm_kit.training.checkpoints import is_sharded_checkpoint
         from chatumm_kit.training.loading import load_checkpoint
@@ -100,11 +104,13 @@ def _kit_to_bagel(args: argparse.Namespace) -> int:
         if _dtype(args) is not None:
             module.to(_dtype(args))
         what = "EMA weights" if loaded.ema else "raw weights"
+        origin = WeightsOrigin.KIT_TRAINED
     if not isinstance(module, ChatUMM):
         raise BagelConversionError(
             f"{args.source}: holds a {type(module).__name__}, not a ChatUMM; only a whole model exports to BAGEL"
         )
     out = export_bagel(module, args.output, tokenizer=tokenizer)
+    write_weights_origin(out, origin)
     _say(out, f"BAGEL release folder from the {what}", module)
     return 0
 

@@ -42,6 +42,7 @@ __all__ = [
     "Role",
     "TextSegment",
     "ImageSegment",
+    "IMAGE_VIEWS",
     "Segment",
     "Turn",
     "Dialogue",
@@ -75,13 +76,22 @@ class TextSegment:
 
 @dataclass(frozen=True)
 class ImageSegment:
-    """A reference to an image by key. ``droppable`` marks it for CFG condition dropout during training."""
+    """A reference to an image by key. ``droppable`` marks it for CFG condition dropout during training.
+
+    ``views``: which views the image enters the stream as (:data:`IMAGE_VIEWS`): ``"vae+vit"`` (clean VAE then ViT,
+    SPEC §2, the default) or ``"vit"`` (the ViT view only — how BAGEL's understanding mode reads an image, SPEC §4.1).
+    Only a user image may be ``"vit"``: an assistant image is generated, or re-enters, as VAE + ViT.
+    """
 
     image: str
     droppable: bool = False
+    views: str = "vae+vit"
 
 
 Segment = TextSegment | ImageSegment
+
+IMAGE_VIEWS = ("vae+vit", "vit")
+"""The view sets an image segment may enter as (:attr:`ImageSegment.views`)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,10 @@ class Dialogue:
                 elif isinstance(seg, ImageSegment):
                     if turn.role is Role.SYSTEM:
                         raise DialogueError(f"{at} segment {j}: a system turn holds text only, not an image")
+                    if seg.views not in IMAGE_VIEWS:
+                        raise DialogueError(f"{at} segment {j}: views must be one of {IMAGE_VIEWS}, got {seg.views!r}")
+                    if seg.views != "vae+vit" and turn.role is not Role.USER:
+                        raise DialogueError(f"{at} segment {j}: an {turn.role.value} image enters as 'vae+vit' only")
                     if available is not None and seg.image not in available:
                         raise DialogueError(
                             f"{at} segment {j}: image {seg.image!r} does not resolve (have {sorted(available)})"
@@ -196,6 +210,8 @@ class Dialogue:
                         d["think"] = True
                 else:
                     d = {"type": "image", "image": s.image}
+                    if s.views != "vae+vit":
+                        d["views"] = s.views
                 if s.droppable:
                     d["droppable"] = True
                 segs.append(d)
@@ -249,9 +265,11 @@ class Dialogue:
                         )
                     )
                 elif kind == "image" and isinstance(rs.get("image"), str):
-                    segs.append(
-                        ImageSegment(image=rs["image"], droppable=_flag(rs, "droppable", False, f"{at} segment {j}"))
-                    )
+                    views = rs.get("views", "vae+vit")
+                    if views not in IMAGE_VIEWS:
+                        raise DialogueError(f"{at} segment {j}: 'views' must be one of {IMAGE_VIEWS}, got {views!r}")
+                    droppable = _flag(rs, "droppable", False, f"{at} segment {j}")
+                    segs.append(ImageSegment(image=rs["image"], droppable=droppable, views=views))
                 else:
                     raise DialogueError(f"{at} segment {j}: expected a text or image segment, got {rs!r}")
             turns.append(

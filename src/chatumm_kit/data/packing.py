@@ -296,7 +296,10 @@ class Packer:
                 vit_grid = (vit_size[key][0] // self.vit_patch_size, vit_size[key][1] // self.vit_patch_size)
                 if supervised:  # generation target: noised view for MSE, never dropped (SPEC §2)
                     pieces.append(StreamPiece(Modality.VAE_NOISED, i, j, image=key, grid=vae_grid))
-                pieces.append(StreamPiece(Modality.VAE_CLEAN, i, j, image=key, grid=vae_grid, droppable=seg.droppable))
+                if seg.views == "vae+vit":  # a "vit" user image (BAGEL's understanding input, SPEC §4.1): no VAE view
+                    pieces.append(
+                        StreamPiece(Modality.VAE_CLEAN, i, j, image=key, grid=vae_grid, droppable=seg.droppable)
+                    )
                 pieces.append(StreamPiece(Modality.VIT, i, j, image=key, grid=vit_grid, droppable=seg.droppable))
         return DocumentPlan(
             key=sample.key or sample.dialogue.id,

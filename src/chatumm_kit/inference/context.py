@@ -156,7 +156,7 @@ class StreamRunner:
         """The context pieces of ``turn`` as the packer lays out a non-trainable turn (SPEC §2).
 
         Text → one ``TEXT`` piece (role prefix on the turn's first text segment); image → clean VAE view then ViT
-        view. ``text_ids[j]``, when given, are the exact content ids of text segment ``j`` (a replayed generated
+        view (the ViT view only for an image segment whose ``views`` is ``"vit"``). ``text_ids[j]``, when given, are the exact content ids of text segment ``j`` (a replayed generated
         reply whose ids need not be the canonical encoding of its decoded text).
         """
         pieces: list[StreamPiece] = []
@@ -173,21 +173,23 @@ class StreamRunner:
                     raise ValueError(f"{turn.role.value} segment {j}: text {seg.text[:40]!r} encodes to no tokens")
                 pieces.append(StreamPiece(Modality.TEXT, 0, j, content=ids))
             elif isinstance(seg, ImageSegment):
-                pieces.extend(self.image_pieces(seg.image, images[seg.image], segment=j))
+                pieces.extend(self.image_pieces(seg.image, images[seg.image], segment=j, views=seg.views))
             else:
                 raise TypeError(f"{turn.role.value} segment {j}: not a segment: {seg!r}")
         return pieces
 
-    def image_pieces(self, key: str, image: torch.Tensor, *, segment: int = 0) -> list[StreamPiece]:
-        """Clean VAE view then ViT view of one ``uint8 [3, H, W]`` image."""
+    def image_pieces(
+        self, key: str, image: torch.Tensor, *, segment: int = 0, views: str = "vae+vit"
+    ) -> list[StreamPiece]:
+        """Clean VAE view then ViT view of one ``uint8 [3, H, W]`` image (``views="vit"``: the ViT view only)."""
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image {key!r}: expected uint8 [3, H, W], got {image.dtype} {tuple(image.shape)}")
         (vit_h, vit_w), (vae_h, vae_w) = self.packer.view_sizes(int(image.shape[1]), int(image.shape[2]))
         p, s = self.packer.vit_patch_size, self.packer.vae_token_stride
-        return [
-            StreamPiece(Modality.VAE_CLEAN, 0, segment, image=key, grid=(vae_h // s, vae_w // s)),
-            StreamPiece(Modality.VIT, 0, segment, image=key, grid=(vit_h // p, vit_w // p)),
-        ]
+        vit = StreamPiece(Modality.VIT, 0, segment, image=key, grid=(vit_h // p, vit_w // p))
+        if views == "vit":
+            return [vit]
+        return [StreamPiece(Modality.VAE_CLEAN, 0, segment, image=key, grid=(vae_h // s, vae_w // s)), vit]
 
     # ------------------------------------------------------------------ embedding
     def embed(self, pieces: Sequence[StreamPiece], images: Mapping[str, torch.Tensor]) -> EmbeddedChunk:

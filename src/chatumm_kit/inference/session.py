@@ -61,6 +61,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -73,7 +74,17 @@ from torchvision.io import ImageReadMode, read_image, write_png
 
 from chatumm_kit.components.splits import Modality
 from chatumm_kit.components.tokenizer import ChatTokenizer
-from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, Segment, TextSegment, Turn
+from chatumm_kit.convert.provenance import WeightsOrigin
+from chatumm_kit.data.dialogue import (
+    IMAGE_VIEWS,
+    Dialogue,
+    DialogueSample,
+    ImageSegment,
+    Role,
+    Segment,
+    TextSegment,
+    Turn,
+)
 from chatumm_kit.data.packing import CFGDropRates, Packer
 from chatumm_kit.data.stream_layout import StreamPiece
 from chatumm_kit.data.view_sizing import ViewSizing, coerce_view_sizing, resolve_view_sizing
@@ -105,7 +116,15 @@ from chatumm_kit.inference.think import (
 )
 from chatumm_kit.model import ChatUMM
 
-__all__ = ["REPLY_MODES", "AssistantReply", "ChatSession", "SessionConfig", "SessionContexts", "check_reply_options"]
+__all__ = [
+    "REPLY_MODES",
+    "AssistantReply",
+    "ChatSession",
+    "SessionConfig",
+    "SessionContexts",
+    "check_reply_options",
+    "user_image_views_for",
+]
 
 REPLY_MODES = ("auto", "text", "image", "edit", "think", "think_text", "think_image", "think_edit")
 """Task modes of :meth:`ChatSession.respond` (SPEC §4.1: a converted, not yet fine-tuned BAGEL must be told the task).
@@ -122,6 +141,19 @@ with the think prompt is put right before the pending user block (unless that ve
 reasoning is decoded, then the output of ``text`` / ``image`` / ``edit`` follows (``think``: the predicted intent
 picks text or image). The reasoning before an image is a think segment, in the full context only while that image
 is sampled; afterwards it is ordinary assistant text in every context that keeps assistant text."""
+
+
+def user_image_views_for(weights_origin: WeightsOrigin | str) -> str:
+    """The views a user image should enter as for weights of ``weights_origin``: ``"vit"`` for BAGEL's released
+    weights not yet trained by the kit (its understanding mode reads an image as its ViT view only, SPEC §4.1),
+    ``"vae+vit"`` for weights the kit trained (SPEC §2: what its training teaches).
+
+    Example:
+        >>> user_image_views_for("bagel_release"), user_image_views_for("kit_trained")
+        ('vit', 'vae+vit')
+    """
+    return "vit" if WeightsOrigin(weights_origin) is WeightsOrigin.BAGEL_RELEASE else "vae+vit"
+
 
 SESSION_FILE = "session.json"
 _FORMAT = "chatumm_session/v1"
@@ -183,6 +215,13 @@ class SessionConfig:
             default BAGEL's (:data:`~chatumm_kit.inference.think.BAGEL_THINK_IMAGE_PROMPT`).
         think_text_prompt: the system prompt of think mode before a text answer (``think_text``); default BAGEL's
             (:data:`~chatumm_kit.inference.think.BAGEL_THINK_TEXT_PROMPT`).
+        user_image_views: the views a user image enters as (:data:`~chatumm_kit.data.dialogue.IMAGE_VIEWS`):
+            ``"vae+vit"`` (SPEC §2; what the kit's training teaches) or ``"vit"`` (the ViT view only, as BAGEL's
+            understanding mode feeds it, SPEC §4.1 — the default for converted BAGEL weights not yet trained by the
+            kit, :func:`user_image_views_for`). An ``image`` or ``edit`` reply always sees VAE + ViT: before it, the
+            pending user block's images — and for ``edit`` the edited image — that entered as ``"vit"`` are laid out
+            again as ``"vae+vit"`` (the turns from the first changed one are prefilled again; the dialogue records
+            it). A ``text`` or ``auto`` reply sees them as they entered.
 
     Example:
         >>> SessionConfig(vit_patch_size=8, vae_token_stride=8, max_image_side=32, image_size=(32, 32)).image_size
@@ -200,6 +239,7 @@ class SessionConfig:
     edits_at_input_size: bool = True
     think_image_prompt: str = BAGEL_THINK_IMAGE_PROMPT
     think_text_prompt: str = BAGEL_THINK_TEXT_PROMPT
+    user_image_views: str = "vae+vit"
 
     @property
     def sizing(self) -> ViewSizing:
@@ -222,6 +262,10 @@ class SessionConfig:
         for name in ("think_image_prompt", "think_text_prompt"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"SessionConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.user_image_views not in IMAGE_VIEWS:
+            raise ValueError(
+                f"SessionConfig.user_image_views must be one of {IMAGE_VIEWS}, got {self.user_image_views!r}"
+            )
         if self.view_sizing is not None:
             object.__setattr__(self, "view_sizing", coerce_view_sizing(self.view_sizing, where="SessionConfig"))
         self.sizing  # noqa: B018 - checks the strides against view_sizing now, not at the first image
@@ -233,6 +277,7 @@ class SessionConfig:
         *,
         image_size: int | tuple[int, int] | None = None,
         view_sizing: ViewSizing | Mapping[str, Any] | str | None = None,
+        user_image_views: str = "vae+vit",
     ) -> SessionConfig:
         """The stream settings ``model`` was trained with — its ViT patch and its VAE stride (downsample × latent
         patch) — and the view sizing of its training data.
@@ -244,6 +289,7 @@ class SessionConfig:
             view_sizing: the data's :class:`ViewSizing` (``view_sizing_of_data`` reads it off a recipe). ``None``:
                 images of ``image_size`` with no resizing (``max_image_side`` = its larger side, as in
                 ``recipes/shapes/chat_tiny.yaml``).
+            user_image_views: see :class:`SessionConfig` (:func:`user_image_views_for` gives a model's default).
 
         Example:
             >>> SessionConfig.for_model(model, image_size=32).vae_token_stride      # chatumm_tiny   # doctest: +SKIP
@@ -256,13 +302,25 @@ class SessionConfig:
             if image_size is None:
                 raise ValueError("SessionConfig.for_model: give image_size or view_sizing")
             size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-            return cls(vit_patch_size=vit_patch, vae_token_stride=vae_stride, max_image_side=max(size), image_size=size)
+            return cls(
+                vit_patch_size=vit_patch,
+                vae_token_stride=vae_stride,
+                max_image_side=max(size),
+                image_size=size,
+                user_image_views=user_image_views,
+            )
         sizing = coerce_view_sizing(view_sizing, where="SessionConfig.for_model")
         if image_size is None:
             size = sizing.square_output_size
         else:
             size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        return cls(vit_patch_size=vit_patch, vae_token_stride=vae_stride, image_size=size, view_sizing=sizing)
+        return cls(
+            vit_patch_size=vit_patch,
+            vae_token_stride=vae_stride,
+            image_size=size,
+            view_sizing=sizing,
+            user_image_views=user_image_views,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionConfig:
@@ -500,7 +558,8 @@ class ChatSession:
                     raise ValueError(f"add_turn: a system turn holds text only (part {j} is an image)")
                 key = self._new_image_key(taken=new_images)
                 new_images[key] = part.detach().cpu()
-                segments.append(ImageSegment(image=key))
+                views = self.config.user_image_views if role is Role.USER else "vae+vit"
+                segments.append(ImageSegment(image=key, views=views))
             else:
                 raise TypeError(f"add_turn: {role.value} part {j} must be str or a uint8 tensor, got {type(part)}")
         return self._append_turn(Turn(role=role, segments=segments, trainable=False), new_images, None)
@@ -634,6 +693,44 @@ class ChatSession:
         task = _Task(mode=mode, vae_size=size)
         return self._reply(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)
 
+    def _give_vae_views(self, *, edit: bool) -> None:
+        """Lay out again as ``"vae+vit"`` the ViT-only user images an image reply needs (SPEC §4.1: generation and
+        editing contexts get VAE then ViT): those of the pending user block, and for an edit the edited (most recent)
+        image. The turns from the first changed one on are prefilled again (:meth:`_replace_tail`)."""
+        wanted: set[str] = set()
+        for i in range(self._contexts.block_start, self.num_turns):
+            wanted.update(self.dialogue.turns[i].image_keys)
+        if edit:
+            wanted.update(next((t.image_keys[-1:] for t in reversed(self.dialogue.turns) if t.image_keys), []))
+        changed = [
+            i
+            for i, turn in enumerate(self.dialogue.turns)
+            if any(isinstance(s, ImageSegment) and s.views != "vae+vit" and s.image in wanted for s in turn.segments)
+        ]
+        if not changed:
+            return
+        tail = self._tail(changed[0])
+        relaid = [
+            (
+                dataclasses.replace(
+                    turn,
+                    segments=[
+                        dataclasses.replace(s, views="vae+vit")
+                        if isinstance(s, ImageSegment) and s.image in wanted
+                        else s
+                        for s in turn.segments
+                    ],
+                ),
+                ids,
+            )
+            for turn, ids in tail[0]
+        ]
+        try:
+            self._replace_tail(changed[0], relaid, tail[1])
+        except BaseException:
+            self._replace_tail(changed[0], *tail)  # back to the turns as they were
+            raise
+
     def _edited_image_size(self) -> tuple[int, int]:
         """``(H, W)`` of the VAE view of the edited image — the conversation's most recent image, a user's or a
         generated one (what an edit's output takes, SPEC §4.1)."""
@@ -649,17 +746,17 @@ class ChatSession:
         if self.num_turns != k:
             raise RuntimeError("ChatSession.reply_steps: the session changed before the reply started")
         system_turn = None
+        if task.mode == "think":  # the predicted intent (SPEC §2) picks the output, then its prompt
+            logits = self.model.logits(self._last_hidden)
+            allowed = [self.tokenizer.im_start_id, self.tokenizer.vision_start_id]
+            choice = choose_token(logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator)
+            task = _Task(mode="think_text" if choice == allowed[0] else "think_image", vae_size=task.vae_size)
+        if task.mode in ("image", "edit", "think_image", "think_edit"):  # an image reply sees VAE + ViT (SPEC §4.1)
+            self._give_vae_views(edit=task.mode in ("edit", "think_edit"))
         if task.mode in THINK_OUTPUT:
-            if task.mode == "think":  # the predicted intent (SPEC §2) picks the output, then its prompt
-                logits = self.model.logits(self._last_hidden)
-                allowed = [self.tokenizer.im_start_id, self.tokenizer.vision_start_id]
-                choice = choose_token(
-                    logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator
-                )
-                task = _Task(mode="think_text" if choice == allowed[0] else "think_image", vae_size=task.vae_size)
             prompt = self.config.think_text_prompt if task.mode == "think_text" else self.config.think_image_prompt
             system_turn = self._put_system_before_block(prompt)
-            k = self.num_turns
+        k = self.num_turns
         self._marks.append(self._snapshot())
         try:
             settings = (max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)

@@ -51,6 +51,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from chatumm_kit.convert.bagel import export_bagel, load_kit_folder, save_kit_folder
+    from chatumm_kit.convert.provenance import WeightsOrigin, write_weights_origin
     from chatumm_kit.training.adapters import load_adapter, merge_adapter
 
     kit = load_kit_folder(args.base)
@@ -59,6 +60,7 @@ def _merge(args: argparse.Namespace) -> int:
         out = export_bagel(model, args.out, tokenizer=kit.tokenizer)
     else:
         out = save_kit_folder(model, kit.spec, args.out, tokenizer=kit.tokenizer)
+    write_weights_origin(out, WeightsOrigin.KIT_TRAINED)  # the adapter was trained by the kit
     print(f"wrote {out} ({args.to} folder, adapter {args.adapter} merged into {args.base})")
     return 0
 

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from chatumm_kit.components.tokenizer import ChatTokenizer
 from chatumm_kit.config import instantiate
 from chatumm_kit.config.secrets import restore_env
+from chatumm_kit.convert.provenance import WeightsOrigin, read_weights_origin
 from chatumm_kit.data.packing import model_stream_settings
 from chatumm_kit.data.view_sizing import ViewSizing, view_sizing_of_data
 from chatumm_kit.model import ChatUMM
@@ -47,7 +48,9 @@ from chatumm_kit.training.resume import describe_load_error, unreadable_message
 
 __all__ = [
     "LoadedModel",
+    "is_model_folder",
     "load_checkpoint",
+    "load_model_folder",
     "model_architecture",
     "checkpoint_hyperparameters",
     "checkpoint_has_ema",
@@ -70,6 +73,8 @@ class LoadedModel:
         spec: the model spec it was built from (after overrides).
         checkpoint: where the weights came from.
         ema: whether the EMA weights were loaded.
+        weights_origin: who trained the weights (``kit_trained`` for every training checkpoint; a model folder's
+            record, :mod:`chatumm_kit.convert.provenance`) — sessions take their user-image views from it.
     """
 
     model: ChatUMM
@@ -77,6 +82,7 @@ class LoadedModel:
     spec: dict[str, Any]
     checkpoint: str
     ema: bool
+    weights_origin: WeightsOrigin = WeightsOrigin.KIT_TRAINED
 
 
 def _load_plain(path: Path) -> Mapping[str, Any]:
@@ -264,3 +270,46 @@ def model_architecture(spec: Mapping[str, Any]) -> ChatUMM:
 
         return kit_folder_architecture(**{k: v for k, v in spec.items() if k != "_component_"})
     return build_model(spec)
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a kit folder (``model.json``) or a BAGEL release folder (``llm_config.json``)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "model.json").is_file() or (path / "llm_config.json").is_file())
+
+
+def load_model_folder(
+    folder: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """A kit folder (``chatumm convert bagel-to-kit``) or a BAGEL release folder, ready to chat: built on meta, each
+    tensor cast and placed on ``device`` as it is read, with the folder's tokenizer and weights origin.
+
+    Attention runs on SDPA on the CPU (the flex backend needs a GPU).
+
+    Example:
+        >>> loaded = load_model_folder("runs/bagel_7b/kit", device="cuda", dtype=torch.bfloat16)   # doctest: +SKIP
+        >>> loaded.weights_origin.value                                                           # doctest: +SKIP
+        'bagel_release'
+    """
+    from dataclasses import replace
+
+    from chatumm_kit.convert.bagel import SPEC_FILE, load_bagel, load_kit_folder
+
+    path = Path(folder)
+    target = torch.device(device if device is not None else "cpu")
+    backend = "sdpa" if target.type == "cpu" else "flex"
+    if (path / SPEC_FILE).is_file():
+        kit = load_kit_folder(path, dtype=dtype, device=target)
+        model, tokenizer, spec = kit.module, kit.tokenizer, kit.spec
+        if not isinstance(model, ChatUMM):
+            raise ValueError(f"{path}: holds a {type(model).__name__}, not a ChatUMM")
+        model.backbone.config = replace(model.backbone.config, attn_backend=backend)
+    else:
+        loaded = load_bagel(path, dtype=dtype, device=target, attn_backend=backend)
+        model, tokenizer, spec = loaded.model, loaded.tokenizer, loaded.model_spec
+    if tokenizer is None:
+        raise ValueError(f"{path}: no tokenizer.json beside the weights")
+    origin = read_weights_origin(path)
+    return LoadedModel(
+        model=model.eval(), tokenizer=tokenizer, spec=spec, checkpoint=str(path), ema=False, weights_origin=origin
+    )
