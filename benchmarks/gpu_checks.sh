@@ -13,3 +13,8 @@ python benchmarks/bench_lora.py --device cuda --layers 2 --repeats 5 --json | te
 # memory prediction (keys mfu, peak_mem_gib, plan_mem_gib) — issue 13
 python benchmarks/bench_bagel_step.py --device cuda --layers 2 --tokens 8192 --steps 5 --json \
   | tee "$out/bench_bagel_step_cuda.txt"
+
+# chatumm chat on a BAGEL-7B-shaped random model (kit folder, 2 layers) in bf16 on the GPU: a text-to-image, an edit
+# and a VQA turn; ms per Euler step (all CFG contexts, 1024² images) and per text token — issue 14
+python benchmarks/bench_bagel_chat.py --device cuda --dtype bfloat16 --layers 2 --steps 10 --json \
+  | tee "$out/bench_bagel_chat_cuda.txt"
