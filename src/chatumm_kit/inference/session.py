@@ -2,8 +2,11 @@
 
 **The stream.** Turns are laid out exactly as the packer lays out a replayed dialogue (every assistant turn
 ``trainable=False``): text → ``im_s`` … ``im_e``; a user image, and an image the assistant generated, → clean VAE view
-then ViT view. Nothing is ever recomputed: a turn's pieces are embedded once and appended to the caches that keep
-them (``inference/context.py``; the bookkeeping of the three contexts is ``inference/cfg_contexts.py``). A generated
+then ViT view — or a user image as its ViT view only when ``SessionConfig.user_image_views`` is ``"vit"`` (BAGEL's
+understanding input, SPEC §4.1; the dialogue records it in ``ImageSegment.views``). Nothing is ever recomputed: a
+turn's pieces are embedded once and appended to the caches that keep them (``inference/context.py``; the bookkeeping
+of the three contexts is ``inference/cfg_contexts.py``) — except when an ``image`` / ``edit`` reply needs the VAE view
+of a ViT-only user image: the turns from that image on are prefilled again (:class:`SessionConfig`). A generated
 image re-enters from its ``uint8`` pixels (what the user sees and what :meth:`ChatSession.save` writes), so a saved
 chat replays to the same caches.
 
