@@ -172,3 +172,14 @@ def test_converted_folders_default_to_vit_and_kit_trained_ones_to_vae_and_vit(re
     out = tmp_path / "bagel_again"
     assert main(["convert", "kit-to-bagel", str(kit), str(out)]) == 0  # the record travels with the weights
     assert json.loads((out / PROVENANCE_FILE).read_text()) == {"weights": "kit_trained"}
+
+
+def test_think_edit_also_gets_the_vae_view(loaded):
+    s = session(loaded, "vit")
+    s.add_user("make it blue", images=[picture(2)])
+    reply = s.respond(mode="think_edit", sampler=FAST, max_new_tokens=2)
+    assert reply.intents[-2:] == ["image", "end"]
+    roles = [t.role.value for t in s.dialogue.turns]
+    assert roles == ["system", "user", "assistant"]  # BAGEL's think prompt before the request (SPEC §4.1)
+    assert s.dialogue.turns[1].segments[0].views == "vae+vit"
+    assert tuple(reply.images[0].shape) == (3, SIDE, SIDE)
