@@ -757,8 +757,7 @@ class ChatSession:
         if task.mode in ("image", "edit", "think_image", "think_edit"):  # an image reply sees VAE + ViT (SPEC §4.1)
             self._give_vae_views(edit=task.mode in ("edit", "think_edit"))
         if task.mode in THINK_OUTPUT:
-            prompt = self.config.think_text_prompt if task.mode == "think_text" else self.config.think_image_prompt
-            system_turn = self._put_system_before_block(prompt)
+            system_turn = self._put_system_before_block(self.think_prompt(task.mode))
         k = self.num_turns
         self._marks.append(self._snapshot())
         try:
