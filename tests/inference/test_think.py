@@ -392,3 +392,37 @@ def test_interactive_chat_puts_the_prompt_first_and_prints_reasoning_apart(model
     assert s.dialogue.turns[0].text == BAGEL_THINK_TEXT_PROMPT
     lines = written.getvalue().splitlines()
     assert "assistant (think): <think> red </think>" in lines and "assistant: it is red" in lines
+
+
+def test_think_edit_in_the_middle_of_a_chat_guides_with_the_history(model, tok):
+    """Turn 2 of a chat: the CFG contexts of the think_edit image hold the whole history (an edit exchange), the
+    system prompt, and what each drops of the current block (SPEC §4): text-unconditional its text and the reasoning,
+    image-unconditional its image views and the reasoning — each equal to the packer's stream of the dialogue so far
+    with that CFG dropout forced."""
+    s = new_session(model, tok)
+    s.add_user("draw a red circle", images=[picture(6)])
+    first = s.respond(mode="edit", sampler=SamplerConfig(num_steps=2, seed=3))
+    s.add_user("make it blue", images=[picture(7)])
+    with steer(model, tok.encode("<think> blue </think>")):
+        reply, seen = think_reply(s, "think_edit")
+    assert reply.system_turn == 2 and s.dialogue.turns[2].text == BAGEL_THINK_IMAGE_PROMPT
+    k1 = first.image_keys[0]
+    images = {"a": picture(6), k1: first.images[0], "b": picture(7)}
+    history = [
+        (Role.USER, [ImageSegment("a"), TextSegment("draw a red circle")]),
+        (Role.ASSISTANT, [ImageSegment(k1)]),
+        (Role.SYSTEM, [TextSegment(BAGEL_THINK_IMAGE_PROMPT)]),
+        (Role.USER, [ImageSegment("b"), TextSegment("make it blue")]),
+    ]
+    reasoning = (Role.ASSISTANT, [TextSegment("<think> blue </think>")])
+    full, _, position = packed_run(model, tiny_packer(tok), dialogue([*history, reasoning], images))
+    assert_same_cache(seen["full"], full)
+    assert seen["full"].position == position
+    drop_text = tiny_packer(tok, CFGDropRates(text=1.0, vit=0.0, vae=0.0))
+    cache, _, position = packed_run(model, drop_text, dialogue(history, images, drop_text_of={3}))
+    assert_same_cache(seen["text_uncond"], cache)
+    assert seen["text_uncond"].position == position
+    drop_images = tiny_packer(tok, CFGDropRates(text=0.0, vit=1.0, vae=1.0))
+    cache, _, position = packed_run(model, drop_images, dialogue(history, images, drop_images_of={3}))
+    assert_same_cache(seen["image_uncond"], cache)
+    assert seen["image_uncond"].position == position
