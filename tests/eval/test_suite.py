@@ -101,6 +101,7 @@ def write_bench_files(root: Path) -> dict[str, Path]:
         "images": {"a": "p0.png"},
     }
     d1 = {"id": "d1", "turns": [
+        {"role": "system", "segments": [{"type": "text", "text": "Answer in a few words."}]},
         {"role": "user", "segments": [{"type": "image", "image": "in"}, {"type": "text", "text": "Describe it."}]},
         {"role": "assistant", "segments": [{"type": "text", "text": "A blue square."}]},
         {"role": "user", "segments": [{"type": "text", "text": "Make it green."}]},

@@ -315,7 +315,11 @@ class DialogueReplay:
                 active, j = list(range(len(group))), 0
                 while active:
                     for d in active:
-                        team[d].add_turn(Role.USER, group[d][j].user)
+                        e = group[d][j]
+                        for text in e.system:  # instructions before the request (SPEC §4.1), never replied to
+                            team[d].add_turn(Role.SYSTEM, [text])
+                            histories[d].append((Role.SYSTEM, (text,)))
+                        team[d].add_turn(Role.USER, e.user)
                     if asked is not None:  # the exchanges not asked about: their true reply, prefilled
                         for d in [d for d in active if not asked.selects(group[d][j])]:
                             e = group[d][j]

@@ -96,6 +96,8 @@ class ExpectedTurn:
         reply: the true assistant turn's parts, in order (what teacher forcing replays into the history).
         category: the benchmark's category of the item (per-category tables), if it has one.
         meta: benchmark-specific facts a scorer needs (an item's options, its image group), JSON-able.
+        system: the texts of the system turns that stand right before this exchange's user turn (instructions such
+            as a system prompt, SPEC §4.1), in order; replayed before the user turn, never replied to.
     """
 
     dialogue_id: str
@@ -111,6 +113,7 @@ class ExpectedTurn:
     reply: list[Part]
     category: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    system: tuple[str, ...] = ()
 
     @property
     def distance_key(self) -> str:
@@ -130,13 +133,38 @@ def _scene_of_image(meta: Mapping[str, Any], key: str) -> Scene | None:
     return Scene.from_dict(truth["scene"]) if "scene" in truth else None
 
 
-def _check_alternation(d) -> None:
-    turns = d.turns
-    if len(turns) % 2 or any(t.role is not (Role.USER if i % 2 == 0 else Role.ASSISTANT) for i, t in enumerate(turns)):
-        raise ValueError(
-            f"dialogue {d.id!r}: the benchmark needs alternating user/assistant turns starting with the user, got "
-            f"{[t.role.value for t in turns]}"
-        )
+@dataclass(frozen=True)
+class _Exchange:
+    """One user → assistant exchange of a dialogue: the system turns right before it, and both turns' indices."""
+
+    system: tuple[str, ...]
+    user: Turn
+    assistant: Turn
+    assistant_index: int
+
+
+def _exchanges(d) -> list[_Exchange]:
+    """The dialogue as exchanges: any system turns, a user turn, an assistant turn; again and again.
+
+    Raises:
+        ValueError: naming the dialogue and its roles, when the turns are not in that pattern.
+    """
+    out, system, i, turns = [], [], 0, d.turns
+    while i < len(turns):
+        if turns[i].role is Role.SYSTEM:
+            system.append(turns[i].text)
+            i += 1
+            continue
+        if turns[i].role is not Role.USER or i + 1 >= len(turns) or turns[i + 1].role is not Role.ASSISTANT:
+            raise ValueError(
+                f"dialogue {d.id!r} turn {i}: the benchmark needs user/assistant exchanges (each user turn answered by "
+                f"one assistant turn, system turns only before a user turn), got {[t.role.value for t in turns]}"
+            )
+        out.append(_Exchange(system=tuple(system), user=turns[i], assistant=turns[i + 1], assistant_index=i + 1))
+        system, i = [], i + 2
+    if system:
+        raise ValueError(f"dialogue {d.id!r}: ends with a system turn (nothing answers it)")
+    return out
 
 
 def _inferred_task(user: Sequence[Part], reply: Sequence[Part]) -> str:
@@ -158,19 +186,18 @@ def reference_turns(sample: DialogueSample) -> list[ExpectedTurn]:
     (:func:`_inferred_task`) and ``distance`` is None.
 
     Raises:
-        ValueError: naming the dialogue and turn, for a dialogue that is not a user/assistant alternation or an empty
-            assistant turn.
+        ValueError: naming the dialogue and turn, for a dialogue that is not a sequence of exchanges (system turns,
+            a user turn, an assistant turn) or an empty assistant turn.
     """
     d = sample.dialogue
-    _check_alternation(d)
     out = []
-    for j in range(len(d.turns) // 2):
-        user, assistant = d.turns[2 * j], d.turns[2 * j + 1]
+    for j, ex in enumerate(_exchanges(d)):
+        user, assistant = ex.user, ex.assistant
         user_parts, reply_parts = _parts(user, sample.images), _parts(assistant, sample.images)
         tags = assistant.meta.get("tags") if isinstance(assistant.meta.get("tags"), Mapping) else {}
         output = str(tags.get("output") or modality_of(reply_parts))
         if output not in OUTPUTS:
-            raise ValueError(f"dialogue {d.id!r} turn {2 * j + 1}: the reference reply is empty (nothing to judge)")
+            raise ValueError(f"dialogue {d.id!r} turn {ex.assistant_index}: the reference reply is empty (nothing to judge)")
         distance = tags.get("distance")
         text = " ".join(p for p in reply_parts if isinstance(p, str))
         out.append(
@@ -187,6 +214,7 @@ def reference_turns(sample: DialogueSample) -> list[ExpectedTurn]:
                 user=user_parts,
                 reply=reply_parts,
                 category=None if tags.get("category") is None else str(tags["category"]),
+                system=ex.system,
             )
         )
     return out
@@ -196,16 +224,14 @@ def expected_turns(sample: DialogueSample, world: WorldConfig) -> list[ExpectedT
     """One :class:`ExpectedTurn` per user → assistant exchange of a synthesized dialogue, in order.
 
     Raises:
-        ValueError: naming the dialogue and turn, when the dialogue is not a user/assistant alternation or an
+        ValueError: naming the dialogue and turn, when the dialogue is not a sequence of exchanges or an
             assistant turn lacks the synthesis metadata (``tags``, ``truth``) the benchmark scores against.
     """
     d = sample.dialogue
-    turns = d.turns
-    _check_alternation(d)
     out = []
-    for j in range(len(turns) // 2):
-        user, assistant = turns[2 * j], turns[2 * j + 1]
-        where = f"dialogue {d.id!r} turn {2 * j + 1}"
+    for j, ex in enumerate(_exchanges(d)):
+        user, assistant = ex.user, ex.assistant
+        where = f"dialogue {d.id!r} turn {ex.assistant_index}"
         tags = assistant.meta.get("tags")
         if not isinstance(tags, Mapping) or "task" not in tags or "output" not in tags:
             raise ValueError(
@@ -243,6 +269,7 @@ def expected_turns(sample: DialogueSample, world: WorldConfig) -> list[ExpectedT
                 target=target,
                 user=_parts(user, sample.images),
                 reply=_parts(assistant, sample.images),
+                system=ex.system,
             )
         )
     return out
