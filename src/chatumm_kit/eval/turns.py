@@ -197,7 +197,9 @@ def reference_turns(sample: DialogueSample) -> list[ExpectedTurn]:
         tags = assistant.meta.get("tags") if isinstance(assistant.meta.get("tags"), Mapping) else {}
         output = str(tags.get("output") or modality_of(reply_parts))
         if output not in OUTPUTS:
-            raise ValueError(f"dialogue {d.id!r} turn {ex.assistant_index}: the reference reply is empty (nothing to judge)")
+            raise ValueError(
+                f"dialogue {d.id!r} turn {ex.assistant_index}: the reference reply is empty (nothing to judge)"
+            )
         distance = tags.get("distance")
         text = " ".join(p for p in reply_parts if isinstance(p, str))
         out.append(
