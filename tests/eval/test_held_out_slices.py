@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from chatumm_kit.cli import main
+from chatumm_kit.config import RecipeError
 from chatumm_kit.eval import BenchmarkReport
 from chatumm_kit.eval.cli import summarise
 
@@ -93,3 +96,21 @@ def test_chatumm_eval_reports_the_recomposed_and_unseen_vocabulary_slices_apart(
     assert list(both.models) == ["multi", "single"] and (h["model"], h["baseline"]) == ("multi", "single")
     assert both.models["multi"].turns == both.models["single"].turns  # the same weights, dialogues and seeds
     assert h["baseline_history_turns_d2plus"] == h["history_turns_d2plus"] and "history_vqa_acc_d2plus_diff" in h
+    # the main job's step names the baseline's training recipe: checked at validate, trained only when missing
+    problems = summarise.check_recipe_arguments(
+        {"baseline_recipe": "shapes/single_turn_tiny", "baseline_overrides": ["vars.dta=1", "~report"]}
+    )
+    assert problems == [
+        "baseline_recipe: in shapes/single_turn_tiny: vars.dta: no such key in the recipe (keys here: data_dir, "
+        "single_dir, vae, train_dialogues, val_dialogues, single_dialogues); use +vars.dta=... to add one"
+    ]
+    again = summarise(
+        checkpoint=str(trained_checkpoint),
+        recipe=str(recipe),
+        overrides=["+benchmark.max_dialogues=1", f"output_dir={tmp_path / 'summary3'}"],
+        baseline=str(trained_checkpoint),
+        baseline_recipe="shapes/single_turn_tiny",  # the baseline exists: nothing is trained
+    )
+    assert again.models["baseline"].turns == both.models["single"].turns
+    with pytest.raises(RecipeError, match="baseline_recipe needs baseline"):
+        summarise(checkpoint=str(trained_checkpoint), recipe=str(recipe), baseline_recipe="shapes/single_turn_tiny")

@@ -218,11 +218,22 @@ def summarise(
     overrides: list[str] | None = None,
     baseline: str | None = None,
     baseline_name: str = "baseline",
+    baseline_recipe: str | None = None,
+    baseline_overrides: list[str] | None = None,
 ):
     """Evaluate one checkpoint with ``recipe``'s held-out set and settings (its ``models`` and ``prepare`` are
     replaced) and print the summary; a training recipe's ``report`` step (called with the final ``checkpoint``).
-    With ``baseline`` (a checkpoint path, e.g. the single-turn model a ``prepare`` step trained) it is evaluated
-    second, on the same dialogues, so the report holds the ``baseline_*`` cells and the paired differences."""
+
+    With ``baseline`` (a checkpoint path) that model is evaluated second, on the same dialogues, so the report holds
+    the ``baseline_*`` cells and the paired differences; with ``baseline_recipe`` it is first trained
+    (``chatumm train baseline_recipe baseline_overrides``) unless ``baseline`` exists — the main job trains its
+    single-turn baseline of the same budget this way (``shapes/chat_tiny``)."""
+    if baseline_recipe is not None:
+        if baseline is None:
+            raise RecipeError("summarise: baseline_recipe needs baseline (the checkpoint it writes)")
+        from chatumm_kit.training.prepare import ensure_trained
+
+        ensure_trained(recipe=baseline_recipe, artifact=baseline, overrides=list(baseline_overrides or []))
     cfg = load_recipe(recipe, overrides or [])
     cfg.models = {name: checkpoint, **({baseline_name: baseline} if baseline is not None else {})}
     cfg.prepare = []
@@ -240,9 +251,14 @@ def _check_summarised(cfg: DictConfig) -> None:
 
 def _summarise_check(kwargs):
     """``chatumm validate`` hook of a ``report`` step: the eval recipe it would run, checked like ``chatumm eval``."""
-    from chatumm_kit.training.prepare import nested_recipe_check
+    from chatumm_kit.training.prepare import ensure_trained, nested_recipe_check
 
-    return nested_recipe_check(_check_summarised)({"recipe": "shapes/eval", **kwargs})
+    eval_kwargs = {k: v for k, v in kwargs.items() if k in ("recipe", "overrides")}
+    problems = nested_recipe_check(_check_summarised)({"recipe": "shapes/eval", **eval_kwargs})
+    if kwargs.get("baseline_recipe") is not None:  # the baseline's training recipe, checked like chatumm train
+        base = {"recipe": kwargs["baseline_recipe"], "overrides": kwargs.get("baseline_overrides") or []}
+        problems += [f"baseline_{p}" for p in ensure_trained.check_recipe_arguments(base)]
+    return problems
 
 
 summarise.check_recipe_arguments = _summarise_check
