@@ -235,6 +235,13 @@ def test_headline_keys_cover_distant_turns_of_the_model_and_its_baseline(tmp_pat
     assert h["history_attr_acc_d2plus"] == pytest.approx(0.9) and h["history_attr_turns_d2plus"] == 1
     assert h["history_turns_d2plus"] == 2
     assert h["baseline_history_vqa_acc_d2plus"] == 0.0 and h["baseline_history_attr_acc_d2plus"] is None
+    # text-to-image, all attributes right: the one generate turn (a clean render of its target) in each model
+    assert (h["t2i_exact"], h["t2i_exact_n"], h["baseline_t2i_exact_n"]) == (1.0, 1, 1)
+    assert h["t2i_exact_wilson95"] == wilson(1, 1).to_list()
+    assert [r.split()[3:6] for r in report.interval_table().splitlines() if r.startswith("t2i")] == [
+        ["multi_turn", "1.000", "1"],
+        ["single_turn", "1.000", "1"],
+    ]
     js, _ = report.write(tmp_path, png=False)
     assert json.loads(js.read_text())["headline"] == h
     assert BenchmarkReport.load(js).headline() == h

@@ -103,6 +103,19 @@ def _difference_keys(
     return out
 
 
+def _t2i_keys(aggregate: TurnAggregate, prefix: str) -> dict[str, float | int | list[float] | None]:
+    """Text-to-image (``generate`` turns): ``t2i_exact`` — the share of generated pictures with every attribute right
+    — with ``_n`` and its Wilson 95 % interval ``_wilson95`` (issue 18: the main job's pictures a person recognises)."""
+    b = aggregate.by_task.get("generate")
+    stat = None if b is None else b.stats.get("image_exact")
+    ci = None if stat is None else stat.interval
+    return {
+        f"{prefix}t2i_exact": None if stat is None else stat.mean,
+        f"{prefix}t2i_exact_n": 0 if stat is None else stat.count,
+        f"{prefix}t2i_exact_wilson95": _ci(ci),
+    }
+
+
 @dataclass(frozen=True)
 class FarHistory:
     """Accuracy on history-dependent turns whose reference is at least :data:`FAR_DISTANCE` turns back.
@@ -294,11 +307,13 @@ class BenchmarkReport:
             out["slice"] = self.slice
         out.update(FarHistory.of(model.teacher_forced).keys())
         out.update(_interval_keys(model.turns, "", **kw))
+        out.update(_t2i_keys(model.teacher_forced, ""))
         if len(names) > 1:
             base = self.models[names[1]]
             out["baseline"] = names[1]
             out.update(FarHistory.of(base.teacher_forced).keys("baseline_"))
             out.update(_interval_keys(base.turns, "baseline_", **kw))
+            out.update(_t2i_keys(base.teacher_forced, "baseline_"))
             out.update(_difference_keys(model.turns, base.turns, **kw))
         return out
 
@@ -410,6 +425,11 @@ class BenchmarkReport:
                 rows.append(
                     [cell, "difference", _fmt(h.get(f"{cell}_diff")), "", "", _fmt_ci(h.get(f"{cell}_diff_ci95"))]
                 )
+        for prefix, name in prefixes:  # text-to-image, all attributes right (any distance)
+            k = f"{prefix}t2i_exact"
+            if h.get(f"{k}_n"):
+                rows.append(["t2i_exact (all attributes)", str(name), _fmt(h.get(k)), str(h[f"{k}_n"]),
+                             _fmt_ci(h.get(f"{k}_wilson95")), ""])  # fmt: skip
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         title = f"headline cells (slice: {self.slice})" if self.slice else "headline cells"
         return (
