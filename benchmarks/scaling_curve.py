@@ -106,8 +106,9 @@ def fit_with_target(x, acc, se, target: float, *, draws: int = 1000, seed: int =
         redrawn = np.clip(np.array(acc) + rng.normal(0, 1, len(acc)) * np.array(se), EPS, 1 - EPS)
         c = target_crossing(fit_logit_line(x, list(redrawn), se), target)
         crossings.append(math.inf if c is None else c)
-    lo, hi = np.percentile(crossings, [2.5, 97.5])
-    return LineFit(**{**asdict(fit), "target_log10_flops": cross, "target_range": [float(lo), float(hi)]})
+    lo = float(np.percentile(crossings, 2.5, method="lower"))  # no interpolation: "never" (inf) stays inf
+    hi = float(np.percentile(crossings, 97.5, method="higher"))
+    return LineFit(**{**asdict(fit), "target_log10_flops": cross, "target_range": [lo, hi]})
 
 
 def _se(ci: list[float] | None, n: int, p: float) -> float:
@@ -255,14 +256,18 @@ def main(argv: list[str] | None = None) -> dict:
               f"{p.vqa_n:>4}  {_fmt(p.attr):>9} {ci(p.attr_ci95):>15} {p.attr_n:>4}")  # fmt: skip
     print()
     print(f"{'metric':<6} {'size':<10} {'slope/decade':>12} {'rms resid':>9}  {'target':>6} {'reached at FLOPs':>16}  "
-          f"{'95 % range (bootstrap)':>24}")  # fmt: skip
+          f"{'95 % range (bootstrap)':>24}  {'= steps of this size':>20}")  # fmt: skip
+    per_step = {p.size: p.flops / p.steps for p in points}  # FLOPs of one training step of each size
     for metric, by_size in fitted.items():
         for size, f in by_size.items():
             at = "never (slope <= 0)" if f.target_log10_flops is None else f"{10**f.target_log10_flops:.2e}"
+            steps = "-"
+            if f.target_log10_flops is not None and size in per_step:
+                steps = f"{10**f.target_log10_flops / per_step[size]:,.0f}"
             lo, hi = f.target_range or [math.inf, math.inf]
-            rng = "-" if lo == math.inf else f"[{10**lo:.1e}, {'never' if hi == math.inf else f'{10**hi:.1e}'}]"
+            rng = "never" if lo == math.inf else f"[{10**lo:.1e}, {'never' if hi == math.inf else f'{10**hi:.1e}'}]"
             print(f"{metric:<6} {size:<10} {f.slope:>12.3f} {f.rms_residual:>9.3f}  {TARGETS[metric]:>6} {at:>16}  "
-                  f"{rng:>24}")  # fmt: skip
+                  f"{rng:>24}  {steps:>20}")  # fmt: skip
     if args.plot:
         plot(points, fitted, Path(args.plot))
         print(f"plot: {args.plot}")
