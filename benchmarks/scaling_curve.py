@@ -15,6 +15,9 @@ per size make these extrapolations rough; the ranges say how rough.
 
     python benchmarks/scaling_curve.py --root runs/scaling [--evaluate] [--plot runs/scaling/scaling.png] [--json]
 
+``steps`` is the checkpoint's own step count, out of the run's ``schedule_steps`` (see :func:`trained_steps`).
+Runs must have finished training (a run still going shows its latest checkpoint).
+
 Example:
     >>> fit_logit_line([1.0, 2.0, 3.0], [0.2, 0.5, 0.8], [0.05, 0.05, 0.05]).slope > 0
     True
@@ -46,6 +49,7 @@ class RunPoint:
     hidden: int
     layers: int
     steps: int
+    schedule_steps: int
     params: int
     flops: float
     vqa: float | None
@@ -127,7 +131,7 @@ def read_point(run: Path) -> RunPoint | None:
         return None
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     model = recipe["system"]["model"]
-    steps = int(recipe["trainer"]["max_steps"])
+    steps = trained_steps(run)  # the checkpoint's own step: see trained_steps
     tokens = steps * int(recipe["data"]["token_budget"])
     h = json.loads(report.read_text())["headline"]
     counted = run / "params.json"  # the count, kept so a second reading loads no model
@@ -135,7 +139,8 @@ def read_point(run: Path) -> RunPoint | None:
         counted.write_text(json.dumps({"params": _params(run / "checkpoints" / "last.ckpt")}))
     params = int(json.loads(counted.read_text())["params"])
     return RunPoint(
-        run=run.name, hidden=int(model["hidden_size"]), layers=int(model["num_layers"]), steps=steps, params=params,
+        run=run.name, hidden=int(model["hidden_size"]), layers=int(model["num_layers"]), steps=steps,
+        schedule_steps=int(recipe["trainer"]["max_steps"]), params=params,
         flops=6.0 * params * tokens,
         vqa=h.get(CELLS["vqa"]), vqa_ci95=h.get(CELLS["vqa"] + "_ci95"), vqa_n=int(h.get(CELLS["vqa"] + "_n", 0)),
         attr=h.get(CELLS["attr"]), attr_ci95=h.get(CELLS["attr"] + "_ci95"),
@@ -151,16 +156,15 @@ def _params(checkpoint: Path) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".autoencoder." not in f".{n}")
 
 
-def finished(run: Path) -> bool:
-    """The run's ``last.ckpt`` exists and holds its final step (``last.ckpt`` is also written mid-run)."""
+def trained_steps(run: Path) -> int:
+    """The optimizer steps behind the run's ``last.ckpt``. Not always ``trainer.max_steps``: ``ModelCheckpoint``
+    (``every_n_train_steps=1000``, ``save_last``) writes ``last.ckpt`` only at multiples of 1 000 when the data never
+    ends an epoch, so a 1 800-step run keeps its step-1 000 weights (trained on the first 1 000 steps of an 1 800-step
+    cosine schedule, the learning rate not yet annealed)."""
     import torch
-    import yaml
 
-    ckpt, recipe = run / "checkpoints" / "last.ckpt", run / "recipe.yaml"
-    if not (ckpt.is_file() and recipe.is_file()):
-        return False
-    steps = int(yaml.safe_load(recipe.read_text())["trainer"]["max_steps"])
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]) >= steps
+    ckpt = run / "checkpoints" / "last.ckpt"
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def evaluate(run: Path, extra: list[str]) -> None:
@@ -237,7 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    runs = sorted(p for p in root.iterdir() if finished(p))
+    runs = sorted(
+        p for p in root.iterdir() if (p / "checkpoints" / "last.ckpt").is_file() and (p / "recipe.yaml").is_file()
+    )
     if args.evaluate:
         for run in runs:
             if not (run / "eval" / "eval_report.json").is_file():
@@ -248,11 +254,11 @@ def main(argv: list[str] | None = None) -> dict:
     points.sort(key=lambda p: (p.params, p.steps))
     fitted = fits(points)
 
-    print(f"{'run':<22} {'params':>9} {'steps':>6} {'FLOPs':>9}  {'VQA d>=2':>8} {'ci95':>15} {'n':>4}  "
+    print(f"{'run':<22} {'params':>9} {'steps':>11} {'FLOPs':>9}  {'VQA d>=2':>8} {'ci95':>15} {'n':>4}  "
           f"{'attr d>=2':>9} {'ci95':>15} {'n':>4}")  # fmt: skip
     for p in points:
         ci = lambda c: "-" if c is None else f"[{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
-        print(f"{p.run:<22} {p.params:>9,} {p.steps:>6} {p.flops:>9.2e}  {_fmt(p.vqa):>8} {ci(p.vqa_ci95):>15} "
+        print(f"{p.run:<22} {p.params:>9,} {f'{p.steps}/{p.schedule_steps}':>11} {p.flops:>9.2e}  {_fmt(p.vqa):>8} {ci(p.vqa_ci95):>15} "
               f"{p.vqa_n:>4}  {_fmt(p.attr):>9} {ci(p.attr_ci95):>15} {p.attr_n:>4}")  # fmt: skip
     print()
     print(f"{'metric':<6} {'size':<10} {'slope/decade':>12} {'rms resid':>9}  {'target':>6} {'reached at FLOPs':>16}  "
