@@ -182,6 +182,21 @@ def write_bagel_folder(
     return folder
 
 
+def view_sizing_overrides(side: int = VIT_SIDE) -> list[str]:
+    """Recipe overrides that swap the BAGEL recipes' ``ViewSizing.bagel`` preset for BAGEL's rule at the tiny
+    release's size (ViT patch and VAE token stride 4, ``side`` tokens per side): long side at most ``4·side`` pixels
+    in both views, short side at least half of it in the VAE view and a quarter in the ViT view (BAGEL: 1024 / 512
+    and 980 / 224) — so small and elongated images are enlarged as under the real preset."""
+    top = PATCH * side
+    rules = {"vit": (top // 4, top, PATCH), "vae": (top // 2, top, LATENT_PATCH * 2)}  # 2x VAE x latent patch 2
+    out = ["data.view_sizing._component_=chatumm_kit.data.view_sizing.ViewSizing"]
+    for view, (low, high, stride) in rules.items():
+        out += [
+            f"+data.view_sizing.{view}.{k}={v}" for k, v in (("min_side", low), ("max_side", high), ("stride", stride))
+        ]
+    return out
+
+
 def make_tiny_bagel(
     folder: Path, *, dtype: torch.dtype = torch.float32, texts: list[str] | None = None, side: int = VIT_SIDE
 ) -> TinyBagel:

@@ -64,6 +64,27 @@ def test_precomputed_latents_equal_on_the_fly_encoding(tok, batch):
         model(batch, flow=flow, latents=cached[:2])
 
 
+def test_cached_posteriors_are_sampled_like_live_ones(tok, batch, tmp_path):
+    """The README's recipe for cached latents: posteriors saved with safetensors and read back give the live forward
+    in training mode with posterior sampling on (the draws land on the cached mean and σ); means alone cannot."""
+    from safetensors.torch import load_file, save_file
+
+    model = _model(tok, sample_posterior=True).train()
+    flow = model.draw_flow(batch, generator=torch.Generator().manual_seed(4))
+    live = model(batch, flow=flow)
+    with torch.no_grad():
+        cached = model.vae.posterior(batch.vae_images)
+    tensors = {f"{i}.{k}": getattr(p, k).contiguous() for i, p in enumerate(cached) for k in ("mean", "std")}
+    save_file(tensors, str(tmp_path / "latents.safetensors"))
+    back = load_file(str(tmp_path / "latents.safetensors"))
+    read = [LatentPosterior(mean=back[f"{i}.mean"], std=back[f"{i}.std"]) for i in range(len(cached))]
+    out = model(batch, flow=flow, latents=read)
+    assert torch.allclose(out.mse_sum, live.mse_sum, rtol=1e-6) and torch.allclose(out.ce_sum, live.ce_sum, rtol=1e-6)
+    assert torch.allclose(out.velocity_target, live.velocity_target, atol=1e-6)
+    with pytest.raises(ValueError, match="holds only the mean"):
+        model(batch, flow=flow, latents=[p.mean for p in read])
+
+
 def test_posterior_sampling_is_mean_plus_sigma_eps(tok, batch):
     model = _model(tok, sample_posterior=True).train()
     flow = model.draw_flow(batch, generator=torch.Generator().manual_seed(2))

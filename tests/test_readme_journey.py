@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from _tiny_bagel import make_tiny_bagel
@@ -136,18 +137,31 @@ def test_both_recipes_trained_and_the_fsdp_run_resumed(journey):
     meta = torch.load(fsdp / "meta.pt", weights_only=True)
     assert meta["global_step"] == 2 * steps  # the resume went on from the first run's last step
     assert torch.load(ddp, weights_only=True, map_location="cpu")["global_step"] == steps
+    for run in (fsdp, ddp):  # the recipes' BAGEL settings, with the README's tiny view sizing in place of the preset
+        recipe = yaml.safe_load((run.parents[1] / "recipe.yaml").read_text())
+        assert recipe["system"]["model"]["sample_posterior"] is True
+        assert recipe["data"]["view_sizing"]["vae"] == {"min_side": 16, "max_side": 32, "stride": 4}
 
 
 def test_chat_played_two_turns_with_the_photo(journey):
+    """Two replies; images come out at the sizes the checkpoint's view sizing gives (BAGEL's rule at the tiny size):
+    a reply to the 600×800 photo at the photo's VAE view, 24×32, a reply to text at the 32-pixel square cap."""
     root, _, _ = journey
     records = [json.loads(line) for line in (root / "runs/bagel_7b/chat/replies.jsonl").read_text().splitlines()]
-    assert len(records) == 2
+    assert [r["user"] for r in records] == ["What is in this photo?", "Now draw the same scene at night."]
+    assert all(r["text"] or r["images"] for r in records)
+    for record, size in zip(records, [(24, 32), (32, 32)], strict=True):
+        for image in record["images"]:
+            assert Image.open(root / image).size == size, (image, record)
 
 
-def test_eval_wrote_its_report(journey):
+def test_eval_wrote_its_reports(journey):
     root, _, _ = journey
-    report = json.loads((root / "runs/bagel_7b/eval/eval_report.json").read_text())
-    assert "headline" in report
+    for stem, slice_name in (("eval_report", "recomposed"), ("eval_report_unseen_vocab", "unseen_vocab")):
+        report = json.loads((root / f"runs/bagel_7b/eval/{stem}.json").read_text())
+        assert "headline" in report and report["slice"] == slice_name
+        assert report["data"]["num_dialogues"] == 2  # the tiny EVAL's count, in both slices
+    assert not (root / "runs/shapes").exists()  # every output of the journey stays under runs/bagel_7b
 
 
 def test_release_reloads_with_the_checkpoints_logits(journey):

@@ -370,7 +370,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``chatumm`` parser. ``only``: give just that command its arguments (the others keep their help line) —
+    a delegated command imports its module to declare them, so ``main`` builds only the one it runs; ``""`` builds
+    none (``chatumm --help``); ``None`` builds all."""
     parser = argparse.ArgumentParser(
         prog="chatumm", description="chatumm_kit: conversational unified multimodal models"
     )
@@ -399,13 +402,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        cmd.add_arguments(p)
+        if only is None or only == name:
+            cmd.add_arguments(p)
     return parser
+
+
+def chosen_command(argv: Sequence[str]) -> str:
+    """The command ``argv`` names (the first word that is one, skipping the values of ``--allow`` and
+    ``--allow-root``), or ``""``."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--allow", "--allow-root"):
+            next(words, None)
+        elif word in COMMANDS:
+            return word
+        elif not word.startswith("-"):
+            break
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 bad input)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=chosen_command(argv))  # imports only what the chosen command needs
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -85,3 +85,24 @@ def test_demo_classes_need_the_opt_in(recipe, capsys):
     err = capsys.readouterr().err  # one of the two admitted: the other is still refused, alone
     assert "BoringModel'" not in err and "'lightning.pytorch.demos.boring_classes.BoringDataModule' is not" in err
     assert main(["--trust-recipe", "validate", str(recipe)]) == 0
+
+
+def test_a_command_imports_only_its_own_module():
+    """``chatumm plan ...`` declares only plan's arguments: the other delegated commands' modules (eval, data import,
+    adapters, with torch and Lightning behind them) are not imported just to build the parser."""
+    import subprocess
+    import sys
+
+    from chatumm_kit.cli import chosen_command
+
+    assert chosen_command(["--allow", "train", "plan", "x"]) == "plan"  # an --allow value is not the command
+    assert chosen_command(["--trust-recipe", "eval", "shapes/eval"]) == "eval"
+    assert chosen_command(["--help"]) == chosen_command(["nonsense", "plan"]) == ""
+    probe = (
+        "import sys\nfrom chatumm_kit.cli import main\ntry:\n    main(['--allow', 'a.b', 'plan', '--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('chatumm_kit.training.plan_cli', 'chatumm_kit.eval.cli', 'chatumm_kit.data.import_cli',"
+        " 'chatumm_kit.training.adapter_cli', 'chatumm_kit.convert.cli') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "usage: chatumm plan" in out and out.strip().splitlines()[-1] == "['chatumm_kit.training.plan_cli']"

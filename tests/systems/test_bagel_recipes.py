@@ -12,8 +12,11 @@ Parity, read from each run's TensorBoard scalars:
   agree step by step;
 * a run resumed from FSDP2's sharded step-2 folder continues exactly;
 * 2 processes against 1: with ``data.rank=0 data.world_size=1`` both ranks read the 1-process run's batches, and with
-  ``mse_weight=0`` the loss does not depend on the rank-seeded flow noise, so the 2-process run's CE equals the
-  1-process run's at every step (both recipes).
+  ``mse_weight=0`` and ``sample_posterior=false`` the loss does not depend on the rank-seeded noise (flow noise,
+  posterior draws), so the 2-process run's CE equals the 1-process run's at every step (both recipes).
+
+Views are sized by BAGEL's rule scaled to the tiny release (``view_sizing_overrides``); every other run keeps the
+recipes' posterior sampling on.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from _multiprocess import run_ranks
-from _tiny_bagel import make_tiny_bagel
+from _tiny_bagel import make_tiny_bagel, view_sizing_overrides
 from chatumm_kit.cli import main as chatumm
 from chatumm_kit.training.prepare import dialogue_texts
 
@@ -54,9 +57,7 @@ def cpu_overrides(setup: SimpleNamespace, out: Path) -> list[str]:
         "system.schedule.warmup_steps=1",  # the recipes' 200 would not fit in 3 steps
         "system.model.attn_backend=sdpa",
         "data.num_workers=0",
-        "data.max_image_side=32",
-        "data.vit_patch_size=4",  # the tiny release's ViT patch
-        "data.vae_token_stride=4",  # its 2x VAE x latent patch 2
+        *view_sizing_overrides(side=8),  # BAGEL's rule at the tiny release's size (32-pixel views)
         "data.token_budget=1024",
         "data.max_sample_tokens=1024",
         "data.pad_to_multiple=1",
@@ -71,7 +72,14 @@ STRATEGY = {  # on CPU: FSDP2 computes in fp32 (bf16 needs CUDA); DDP keeps the 
 }
 AS_DDP = ["trainer.strategy._component_=chatumm_kit.training.strategies.ddp", "~trainer.strategy.mixed_precision",
           "~trainer.strategy.activation_checkpointing"]  # fmt: skip
-SAME_DATA_NO_MSE = ["+data.rank=0", "+data.world_size=1", "system.mse_weight=0.0"]
+# Same batches on every rank, no loss term that depends on the rank-seeded noise: the flow noise (MSE off) and the
+# posterior draws of the clean latents that text turns attend to (sampling off; the other runs keep it on).
+SAME_DATA_NO_MSE = [
+    "+data.rank=0",
+    "+data.world_size=1",
+    "system.mse_weight=0.0",
+    "system.model.sample_posterior=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +176,39 @@ def test_two_processes_match_one_process(runs, one, two):
     _close(a["val/ce"], b["val/ce"], rel=1e-5)
     _close(a["train/grad_norm"], b["train/grad_norm"], rel=1e-4)
     assert len(set(a["train/ce"].values())) == STEPS  # three different batches (resampled), not one repeated
+
+
+@pytest.mark.parametrize("recipe", [FSDP, DDP, "bagel_7b/lora_chat"])
+def test_bagel_recipes_size_views_like_bagel_and_sample_the_posterior(setup, recipe):
+    """Every BAGEL recipe names the ``ViewSizing.bagel`` preset (VAE 512–1024 / 16, ViT 224–980 / 14: a 1920×1080
+    photo gets (576, 1024) and (546, 980)) and trains a converted model on posterior samples (SPEC §4.1)."""
+    from omegaconf import OmegaConf
+
+    from chatumm_kit.components.tokenizer import ChatTokenizer
+    from chatumm_kit.config import instantiate, load_recipe
+    from chatumm_kit.data.view_sizing import ViewSizing, view_sizing_of_data
+
+    cfg = load_recipe(recipe)
+    assert cfg.data.view_sizing._component_ == "chatumm_kit.data.view_sizing.ViewSizing.bagel"
+    assert "max_image_side" not in cfg.data and "vit_patch_size" not in cfg.data
+    sizing = instantiate(cfg.data.view_sizing)
+    assert sizing == view_sizing_of_data(OmegaConf.to_container(cfg.data)) == ViewSizing.bagel()
+    assert tuple(sizing.sizes(1080, 1920)) == ((546, 980), (576, 1024))
+    assert cfg.system.model.sample_posterior is True and cfg.system.model.timestep_shift == 1.0
+
+    tiny = load_recipe(recipe, [*cpu_overrides(setup, setup.root / "unused"), "system.model.timestep_shift=3.0"])
+    model = instantiate(tiny.system.model).train()  # the converted tiny release, with the recipe's flow settings
+    assert model.sample_posterior
+    batch = _one_batch(ChatTokenizer.from_file(setup.kit))
+    flow = model.draw_flow(batch, generator=torch.Generator().manual_seed(0))
+    assert flow.posterior_noise is not None and len(flow.posterior_noise) == len(batch.vae_images) == 2
+    # the recipe's timestep shift reaches the training timesteps: t = s·u / (1 + (s − 1)·u), u = sigmoid(N(0, 1))
+    u = torch.sigmoid(torch.randn(1, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(flow.timesteps, 3.0 * u / (1 + 2.0 * u)) and not torch.allclose(flow.timesteps, u)
+    # a posterior sample differs from the mean the model used before (and uses in evaluation)
+    sampled = model.vae_clean_tokens(batch, flow=flow)
+    mean = model.vae_clean_tokens(batch)
+    assert sampled.shape == mean.shape and not torch.allclose(sampled, mean)
 
 
 def test_trainable_parameters_are_fp32_master_weights_from_a_bf16_release(setup):

@@ -26,7 +26,7 @@ from chatumm_kit.training.adapters import has_adapter, merge_adapter
 from chatumm_kit.training.loading import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "convert"))
-from _tiny_bagel import make_tiny_bagel  # noqa: E402
+from _tiny_bagel import make_tiny_bagel, view_sizing_overrides  # noqa: E402
 
 QUIET = ["+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
 
@@ -144,9 +144,7 @@ def bagel(tmp_path_factory):
         "system.adapter.rank=4",
         "system.schedule.warmup_steps=1",
         "system.optimizer.lr=2.0e-2",  # two steps that move the adapter well past bf16 rounding
-        "data.vit_patch_size=4",  # the tiny release: ViT patch 4 (4 per side), 2x VAE x latent patch 2
-        "data.vae_token_stride=4",
-        "data.max_image_side=16",
+        *view_sizing_overrides(),  # BAGEL's rule at the tiny release's size: ViT patch 4 (4 per side), 16-pixel views
         "data.token_budget=2048",
         "data.max_sample_tokens=2048",
         "data.num_workers=0",
