@@ -48,6 +48,7 @@ from chatumm_kit.components.tokenizer import ChatTokenizer  # noqa: E402
 from chatumm_kit.config import instantiate, load_recipe  # noqa: E402
 from chatumm_kit.data.dialogue import Dialogue, DialogueSample, ImageSegment, Role, TextSegment, Turn  # noqa: E402
 from chatumm_kit.data.packing import CFGDropRates, Packer  # noqa: E402
+from chatumm_kit.data.view_sizing import ViewRule, ViewSizing  # noqa: E402
 from chatumm_kit.training.losses import objective  # noqa: E402
 from chatumm_kit.training.plan import GIB, RunShape, plan_training  # noqa: E402
 from chatumm_kit.training.strategies import FSDP2Plan, apply_fsdp2  # noqa: E402
@@ -94,12 +95,12 @@ def tiny_spec(layers: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def packed_batch(*, tokens: int, image_size: tuple[int, int], vit_patch: int, vae_stride: int, max_side: int):
-    """Dialogues (a photo in, a generated image out) packed until ``tokens`` would overflow; returns the batch."""
+def packed_batch(*, tokens: int, image_size: tuple[int, int], view_sizing: ViewSizing):
+    """Dialogues (a photo in, a generated image out) packed until ``tokens`` would overflow; returns the batch. Views
+    are sized by ``view_sizing`` (the recipe's ``ViewSizing.bagel`` preset for the 7B shape)."""
     tok = ChatTokenizer.train(["draw the same scene at night", "what is in this photo"] * 20, vocab_size=300)
     g = torch.Generator().manual_seed(0)
-    packer = Packer(tokenizer=tok, vit_patch_size=vit_patch, vae_token_stride=vae_stride, max_image_side=max_side,
-                    drop_rates=CFGDropRates(text=0.0, vit=0.0, vae=0.0))  # fmt: skip
+    packer = Packer(tokenizer=tok, view_sizing=view_sizing, drop_rates=CFGDropRates(text=0.0, vit=0.0, vae=0.0))
     samples: list[DialogueSample] = []
     batch = None
     while True:
@@ -146,12 +147,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     node.pop("init_from", None)
     strategy = cfg.trainer.strategy
     mixed = strategy.mixed_precision if device.type == "cuda" else None  # bf16 FSDP2 needs CUDA
-    vit_patch, stride = spec["vit"]["patch_size"], (4 if args.tiny else 16)
-    side = 32 if args.tiny else 1024
+    if args.tiny:  # BAGEL's rule at the tiny model's size: ViT patch 4 and VAE stride 4, 8 per side
+        sizing = ViewSizing(
+            vit=ViewRule(min_side=8, max_side=32, stride=4), vae=ViewRule(min_side=16, max_side=32, stride=4)
+        )
+    else:
+        sizing = instantiate(cfg.data.view_sizing, path="data.view_sizing")  # the recipe's ViewSizing.bagel
     image_size = (32, 24) if args.tiny else (args.image_height, args.image_width)
-    batch = packed_batch(
-        tokens=args.tokens, image_size=image_size, vit_patch=vit_patch, vae_stride=stride, max_side=side
-    )
+    batch = packed_batch(tokens=args.tokens, image_size=image_size, view_sizing=sizing)
 
     meta_system = instantiate(node, path="system")
     with torch.device("meta"):
