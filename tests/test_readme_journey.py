@@ -32,6 +32,8 @@ from PIL import Image
 from _tiny_bagel import make_tiny_bagel
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DISTRIBUTED_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                         "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"}  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -100,8 +102,11 @@ def journey(tmp_path_factory):
     block, tiny = journey_block(text), tiny_variables(text)
     make_tiny_bagel(root / "BAGEL-tiny", dtype=torch.bfloat16, side=8)
     write_dialogues(root / "my_dialogues")
+    # a fresh shell's environment: not the rendezvous of a process group an earlier test left in this process
+    # (Lightning sets MASTER_PORT in os.environ; its port may still be held, EADDRINUSE)
+    fresh = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
     env = {
-        **os.environ,
+        **fresh,
         **tiny,
         "BAGEL": str(root / "BAGEL-tiny"),
         "DATA": "my_dialogues",
