@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["ExportAutoencoder", "DataHealthLogger", "GenerationPreview", "RecipeInCheckpoint"]
+__all__ = ["ExportAutoencoder", "DataHealthLogger", "FinalWeightsInLast", "GenerationPreview", "RecipeInCheckpoint"]
 
 
 class RecipeInCheckpoint(L.Callback):
@@ -22,6 +22,35 @@ class RecipeInCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["recipe"] = self.recipe
+
+
+class FinalWeightsInLast(L.Callback):
+    """Make ``last.ckpt`` hold the weights training ended with.
+
+    Lightning's ``ModelCheckpoint(save_last=True, every_n_train_steps=N)`` refreshes ``last`` only when it saves a
+    step checkpoint, so a run whose ``max_steps`` is not a multiple of ``N`` ends with ``last`` at the last multiple
+    (e.g. 1 000 of 1 800 steps) and the final steps are lost to ``chat``, ``eval`` and export. At the end of
+    training this saves the final state to ``last`` when the newest checkpoint is older than the final step. It runs
+    on every rank (saving is collective under DDP and FSDP2). ``chatumm train`` adds it to every run.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[ModelCheckpoint(save_last=True, every_n_train_steps=4),
+        ...                                FinalWeightsInLast()], max_steps=6)  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self.saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = int(checkpoint.get("global_step", trainer.global_step))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cb = trainer.checkpoint_callback
+        # No last written yet: ModelCheckpoint's own on_train_end (it runs after this callback) writes it now.
+        if cb is None or not cb.save_last or not cb.last_model_path or trainer.global_step == 0:
+            return
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(cb.last_model_path)
 
 
 class ExportAutoencoder(L.Callback):

@@ -136,12 +136,12 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     data = None
     if cfg.get("data") is not None:
         data = instantiate(cfg.data, path="data", **run_seed(cfg.data, seed))
-    from chatumm_kit.training.callbacks import RecipeInCheckpoint
+    from chatumm_kit.training.callbacks import FinalWeightsInLast, RecipeInCheckpoint
     from chatumm_kit.training.redaction import EnvironmentRedaction
 
     recipe_text = to_yaml(cfg)  # environment values stay ${oc.env:VAR}
     (output_dir / "recipe.yaml").write_text(recipe_text)  # how this run was made, next to its logs
-    trainer.callbacks.extend([RecipeInCheckpoint(recipe=recipe_text), EnvironmentRedaction()])
+    trainer.callbacks.extend([RecipeInCheckpoint(recipe=recipe_text), EnvironmentRedaction(), FinalWeightsInLast()])
 
     trainer.fit(system, datamodule=data, ckpt_path=ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
