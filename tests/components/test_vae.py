@@ -167,6 +167,25 @@ def test_autoencoder_system_fits_the_autoencoder_with_a_lightning_trainer(one_th
     assert "vae/reconstruction" in trainer.callback_metrics
 
 
+def test_autoencoder_system_follows_its_learning_rate_schedule(one_thread):
+    arch = dict(_head(scaling_factor=1.0, shift_factor=0.0).hparams)
+    cosine = {"_component_": "chatumm_kit.training.schedules.CosineSchedule", "total_steps": 10, "min_ratio": 0.1}
+    system = AutoencoderSystem(head=arch, reconstruction_loss="mse", optimizer={"lr": 1e-3}, schedule=cosine)
+    trainer = L.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(system, train_dataloaders=DataLoader([_shapes(2)] * 10, batch_size=None))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)  # the floor, reached at step 10
+    assert AutoencoderSystem(head=arch, optimizer={"lr": 1e-3}).hparams.schedule["_component_"].endswith(
+        "ConstantSchedule"
+    )
+
+
 def test_latent_stats_standardise_latents_and_are_kept_in_the_rebuilt_heads_hparams():
     head = _head()
     saved = dict(head.hparams)
