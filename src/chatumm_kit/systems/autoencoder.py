@@ -104,8 +104,8 @@ class AutoencoderSystem(L.LightningModule):
         from chatumm_kit.config import instantiate
 
         spec = OptimizerSpec(**self.hparams.optimizer)
-        # One group over the autoencoder's parameters, as the shapes VAE has always been fitted (weight decay, if
-        # any, on every tensor): its fitted weights, and so the main job's losses, stay what they were.
+        # One group over the autoencoder's parameters (weight decay, if any, on every tensor), as the shapes VAE has
+        # always been fitted.
         opt = OPTIMIZERS[spec.name](
             self.head.autoencoder.parameters(),
             lr=spec.lr,
