@@ -139,6 +139,17 @@ def test_frozen_autoencoder_gets_no_grads_and_stays_in_eval_mode():
     assert head.autoencoder.training and all(p.requires_grad for p in head.autoencoder.parameters())
 
 
+def _quiet_cpu_trainer(*, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def test_autoencoder_system_fits_the_autoencoder_with_a_lightning_trainer(one_thread):
     arch = dict(_head(scaling_factor=1.0, shift_factor=0.0).hparams)
     system = AutoencoderSystem(head=arch, reconstruction_loss="l1", optimizer={"lr": 2e-3})
@@ -149,16 +160,8 @@ def test_autoencoder_system_fits_the_autoencoder_with_a_lightning_trainer(one_th
     before = head.reconstruction_error(images).item()
     ae_before = {k: v.clone() for k, v in head.autoencoder.state_dict().items()}
     llm_before = head.vae2llm.weight.detach().clone()
-    loader = DataLoader([images] * 20, batch_size=None)
-    trainer = L.Trainer(
-        max_steps=20,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(system, train_dataloaders=loader)
+    trainer = _quiet_cpu_trainer(max_steps=20)
+    trainer.fit(system, train_dataloaders=DataLoader([images] * 20, batch_size=None))
     assert system.head is head
     after = head.reconstruction_error(images).item()
     assert after < 0.3 * before, (before, after)
@@ -171,19 +174,11 @@ def test_autoencoder_system_follows_its_learning_rate_schedule(one_thread):
     arch = dict(_head(scaling_factor=1.0, shift_factor=0.0).hparams)
     cosine = {"_component_": "chatumm_kit.training.schedules.CosineSchedule", "total_steps": 10, "min_ratio": 0.1}
     system = AutoencoderSystem(head=arch, reconstruction_loss="mse", optimizer={"lr": 1e-3}, schedule=cosine)
-    trainer = L.Trainer(
-        max_steps=10,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _quiet_cpu_trainer(max_steps=10)
     trainer.fit(system, train_dataloaders=DataLoader([_shapes(2)] * 10, batch_size=None))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)  # the floor, reached at step 10
-    assert AutoencoderSystem(head=arch, optimizer={"lr": 1e-3}).hparams.schedule["_component_"].endswith(
-        "ConstantSchedule"
-    )
+    unscheduled = AutoencoderSystem(head=arch, optimizer={"lr": 1e-3})
+    assert unscheduled.hparams.schedule["_component_"].endswith("ConstantSchedule")  # the peak rate throughout
 
 
 def test_latent_stats_standardise_latents_and_are_kept_in_the_rebuilt_heads_hparams():
