@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -74,6 +74,15 @@ class StateDictMismatchError(ValueError):
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a DCP checkpoint folder (it holds DCP's ``.metadata`` file)."""
     return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def _check_ema_entries(path: str | Path, ema_names: Collection[str], model_names: Collection[str]) -> None:
+    """The EMA weights asked for exist, and each averages a model weight (both read paths check the same way)."""
+    if not ema_names:
+        raise ValueError(f"read_weights: {path} holds no EMA weights (was EMACallback in the run?)")
+    stray = sorted(set(ema_names) - set(model_names))
+    if stray:
+        raise ValueError(f"read_weights: {path}: EMA entries without a model weight: {stray[:20]}")
 
 
 def _read_dcp(
@@ -125,11 +134,7 @@ def _read_dcp(
     source = {n: k for k, n in wanted.items() if not n.startswith(EMA_KEY_PREFIX)}  # model key -> flat key read
     if use_ema:
         averaged = {n[len(EMA_KEY_PREFIX) :]: k for k, n in wanted.items() if n.startswith(EMA_KEY_PREFIX)}
-        if not averaged:
-            raise ValueError(f"read_weights: {path} holds no EMA weights (was EMACallback in the run?)")
-        stray = sorted(averaged.keys() - source.keys())
-        if stray:
-            raise ValueError(f"read_weights: {path}: EMA entries without a model weight: {stray[:20]}")
+        _check_ema_entries(path, averaged.keys(), source.keys())
         source.update(averaged)
     source = {n: k for n, k in source.items() if n.startswith(prefix)}
     out: dict[str, torch.Tensor] = {}
@@ -209,11 +214,7 @@ def read_weights(
     else:
         raise FileNotFoundError(f"read_weights: {path} is neither a checkpoint file nor a DCP checkpoint folder")
     if use_ema:
-        if not ema:
-            raise ValueError(f"read_weights: {path} holds no EMA weights (was EMACallback in the run?)")
-        stray = sorted(ema.keys() - model.keys())
-        if stray:
-            raise ValueError(f"read_weights: {path}: EMA entries without a model weight: {stray[:20]}")
+        _check_ema_entries(path, ema.keys(), model.keys())
         model.update(ema)
     if prefix:
         model = {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
