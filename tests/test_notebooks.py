@@ -58,11 +58,19 @@ def run_notebook(name: str, probe: str, workdir: Path) -> dict:
         f"print({PROBE_PREFIX!r} + _json.dumps(_probe))"
     )
     nb.cells.append(nbformat.v4.new_code_cell(code))
-    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=ThisInterpreterKernels())
+    km = AsyncKernelManager(
+        kernel_name="python3",
+        kernel_spec_manager=ThisInterpreterKernels(),
+        connection_file=str(workdir / "kernel.json"),
+    )
     client = nbclient.NotebookClient(
         nb, km=km, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
     )
-    client.execute()
+    # The kernel's temporary files go under ``workdir`` too, so a notebook's ``tempfile.mkdtemp()`` is removed with
+    # pytest's temporary directories instead of accumulating in the system's.
+    scratch = workdir / "tmp"
+    scratch.mkdir(exist_ok=True)
+    client.execute(env={**os.environ, "TMPDIR": str(scratch)})
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"
     text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
