@@ -162,12 +162,18 @@ def test_chat_played_two_turns_with_the_photo(journey):
 
 
 def test_eval_wrote_its_reports(journey):
-    root, _, _ = journey
+    root, out, _ = journey
     for stem, slice_name in (("eval_report", "recomposed"), ("eval_report_unseen_vocab", "unseen_vocab")):
         report = json.loads((root / f"runs/bagel_7b/eval/{stem}.json").read_text())
         assert "headline" in report and report["slice"] == slice_name
         assert report["data"]["num_dialogues"] == 2  # the tiny EVAL's count, in both slices
     assert not (root / "runs/shapes").exists()  # every output of the journey stays under runs/bagel_7b
+    # chatumm diagnose-edits read that report and its held-out shards, and printed the model's edit table
+    report = json.loads((root / "runs/bagel_7b/eval/eval_report.json").read_text())
+    edits = [t for t in report["models"]["multi_turn"]["turns"] if t["task"] == "edit"]
+    rows = out[out.index("edits of multi_turn") :].splitlines()[2:]
+    all_row = next(line.split() for line in rows if line.split()[:1] == ["all"])
+    assert int(all_row[1]) == len(edits)
 
 
 def test_release_reloads_with_the_checkpoints_logits(journey):

@@ -367,6 +367,10 @@ COMMANDS: dict[str, Command] = {
         "chatumm_kit.training.plan_cli",
     ),
     "eval": _delegated("run the multi-turn context-tracking benchmark: chatumm eval ...", "chatumm_kit.eval.cli"),
+    "diagnose-edits": _delegated(
+        "where a benchmark report's models lose their edits: chatumm diagnose-edits REPORT [--json]",
+        "chatumm_kit.eval.edit_diagnosis_cli",
+    ),
 }
 
 

@@ -367,6 +367,32 @@ class AssistantReply:
         return " ".join(spans) if spans else split_think(self.text)[0]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Decoding:
+    """How one reply draws its tokens and images: :meth:`ChatSession.respond`'s settings, checked, with the reply's
+    random generator (seeded from ``sampler.seed``)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    sampler: SamplerConfig
+    max_segments: int
+    generator: torch.Generator
+
+    def choose(
+        self, logits: torch.Tensor, *, allowed: Sequence[int] | None = None, banned: Sequence[int] | None = None
+    ) -> int:
+        """The next id from ``[V]`` logits: :func:`choose_token` with these settings."""
+        return choose_token(
+            logits,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            allowed=allowed,
+            banned=banned,
+            generator=self.generator,
+        )
+
+
 @dataclass(frozen=True)
 class _Task:
     """What a reply was told to do: its mode (:data:`REPLY_MODES`) and the VAE view ``(H, W)`` of a generated image
@@ -693,8 +719,15 @@ class ChatSession:
             generator.seed()
         else:
             generator.manual_seed(sampler.seed)
-        task = _Task(mode=mode, vae_size=size)
-        return self._reply(k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)
+        decoding = _Decoding(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            sampler=sampler,
+            max_segments=max_segments,
+            generator=generator,
+        )
+        return self._reply(k, decoding, _Task(mode=mode, vae_size=size))
 
     def _give_vae_views(self, *, edit: bool) -> None:
         """Lay out again as ``"vae+vit"`` the ViT-only user images an image reply needs (SPEC §4.1: generation and
@@ -745,14 +778,14 @@ class ChatSession:
         raise ValueError("respond(mode='edit'): the conversation has no image to edit (add_user(images=[...]))")
 
     @torch.no_grad()
-    def _reply(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task):
+    def _reply(self, k: int, decoding: _Decoding, task: _Task):
         if self.num_turns != k:
             raise RuntimeError("ChatSession.reply_steps: the session changed before the reply started")
         system_turn = None
         if task.mode == "think":  # the predicted intent (SPEC §2) picks the output, then its prompt
             logits = self.model.logits(self._last_hidden)
             allowed = [self.tokenizer.im_start_id, self.tokenizer.vision_start_id]
-            choice = choose_token(logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator)
+            choice = decoding.choose(logits, allowed=allowed)
             task = _Task(mode="think_text" if choice == allowed[0] else "think_image", vae_size=task.vae_size)
         if task.mode in ("image", "edit", "think_image", "think_edit"):  # an image reply sees VAE + ViT (SPEC §4.1)
             self._give_vae_views(edit=task.mode in ("edit", "think_edit"))
@@ -761,8 +794,7 @@ class ChatSession:
         k = self.num_turns
         self._marks.append(self._snapshot())
         try:
-            settings = (max_new_tokens, temperature, top_p, sampler, max_segments, generator, task)
-            reply = yield from self._reply_segments(k, *settings)
+            reply = yield from self._reply_segments(k, decoding, task)
         except BaseException:
             self._restore(k)
             if system_turn is not None:
@@ -771,7 +803,7 @@ class ChatSession:
         reply.system_turn = system_turn
         return reply
 
-    def _reply_segments(self, k, max_new_tokens, temperature, top_p, sampler, max_segments, generator, task):
+    def _reply_segments(self, k: int, decoding: _Decoding, task: _Task):
         tok = self.tokenizer
         reply = AssistantReply(turn_index=k, segments=[], finished=False)
         ids_per_segment: list[list[int] | None] = []
@@ -779,7 +811,7 @@ class ChatSession:
         allowed = [tok.im_start_id, tok.vision_start_id]  # the first segment must open something (SPEC §2)
         plan = task.plan(tok)
         pending = None  # think text in full only, until the image it plans is sampled
-        while len(reply.segments) < max_segments:
+        while len(reply.segments) < decoding.max_segments:
             think = False
             if plan is not None:
                 # SPEC §4.1: the task is told, not predicted — the opening markers are forced, then end.
@@ -787,9 +819,7 @@ class ChatSession:
                 choice, think = plan[n] if n < len(plan) else (tok.end_id, False)
             else:
                 logits = self.model.logits(hidden)
-                choice = choose_token(
-                    logits, temperature=temperature, top_p=top_p, allowed=allowed, generator=generator
-                )
+                choice = decoding.choose(logits, allowed=allowed)
             if choice == tok.end_id:
                 reply.intents.append("end")
                 reply.finished = True
@@ -797,16 +827,18 @@ class ChatSession:
             if choice == tok.im_start_id:
                 reply.intents.append("text")
                 first = not any(isinstance(s, TextSegment) for s in reply.segments)
-                ids, hidden, chunk = yield from self._generate_text(
-                    max_new_tokens, temperature, top_p, generator, think=think
-                )
+                ids, hidden, chunk = yield from self._generate_text(decoding, think=think)
                 pending = chunk if think else None
                 reply.segments.append(TextSegment(text=self._visible_text(ids, first=first), think=think))
                 ids_per_segment.append(ids)
             else:
                 reply.intents.append("image")
                 key, image, hidden = yield from self._generate_image(
-                    sampler, generator, segment=len(reply.segments), size=task.vae_size, pending=pending
+                    decoding.sampler,
+                    decoding.generator,
+                    segment=len(reply.segments),
+                    size=task.vae_size,
+                    pending=pending,
                 )
                 pending = None
                 reply.segments.append(ImageSegment(image=key))
@@ -822,7 +854,7 @@ class ChatSession:
         self._last_hidden = hidden
         return reply
 
-    def _generate_text(self, max_new_tokens, temperature, top_p, generator, *, think: bool = False):
+    def _generate_text(self, decoding: _Decoding, *, think: bool = False):
         """Decode one text segment into ``full`` (a :class:`TokenStep` per token); append it to the unconditional
         contexts — unless it is ``think`` text: that one closes once it holds ``</think>`` and waits (returned as its
         embedded chunk) until the image it plans is sampled. Returns ids, last output, the embedded chunk."""
@@ -833,10 +865,10 @@ class ChatSession:
         hidden = yield TokenStep(full, tok.im_start_id)
         ids: list[int] = []
         closed = False
-        while len(ids) < max_new_tokens:
+        while len(ids) < decoding.max_new_tokens:
             banned = markers + ([tok.im_end_id] if not ids else [])  # the packer never lays out an empty text
             logits = self.model.logits(hidden)
-            token = choose_token(logits, temperature=temperature, top_p=top_p, banned=banned, generator=generator)
+            token = decoding.choose(logits, banned=banned)
             hidden = yield TokenStep(full, token)
             if token == tok.im_end_id:
                 closed = True
