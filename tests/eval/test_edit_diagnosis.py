@@ -1,6 +1,7 @@
 """The edit diagnosis: each edited picture classified by what it changed and what it kept, on crafted scenes, on
 random edits, and end to end from a benchmark report through ``chatumm diagnose-edits``."""
 
+import copy
 import json
 import random
 
@@ -198,3 +199,10 @@ def test_bad_input_is_named(shards, tmp_path, capsys):
     data = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     with pytest.raises(ValueError, match="edit turn .* of dialogue .* is not in the given dialogues"):
         diagnose_report(data, [s for s in samples if not edit_truths(s)], model="oracle")
+    # an edit turn without its synthesis record is named, dialogue and turn
+    broken = copy.deepcopy(next(s for s in samples if edit_truths(s)))
+    i, turn = next((i, t) for i, t in enumerate(broken.dialogue.turns) if (t.meta.get("tags") or {}).get("task") == "edit"
+                   and t.role is Role.ASSISTANT)  # fmt: skip
+    del turn.meta["truth"]["world"]
+    with pytest.raises(ValueError, match=rf"dialogue '{broken.dialogue.id}' turn {i}: an edit turn without its world"):
+        edit_truths(broken)
