@@ -1,5 +1,7 @@
 """VAELatentHead: latent normalisation, 2×2 patchify, LLM-facing layers, freezing, and fitting a tiny VAE."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -220,3 +222,35 @@ def test_a_checkpoint_with_the_retired_training_settings_still_loads(tmp_path):
     for k, v in head.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert loaded.autoencoder_frozen
+
+
+def test_autoencoder_file_loads_weights_and_a_meta_build_gets_only_the_key_check(tmp_path):
+    from safetensors.torch import save_file
+
+    from chatumm_kit.components.vae import load_autoencoder_file
+
+    torch.manual_seed(0)
+    trained = tiny_autoencoder(latent_channels=4, downsample=4)
+    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    file = tmp_path / "vae.safetensors"
+    save_file(state, str(file), metadata={"scaling_factor": "0.5", "shift_factor": "-0.25"})
+
+    fresh = tiny_autoencoder(latent_channels=4, downsample=4)
+    assert load_autoencoder_file(fresh, file) == (0.5, -0.25)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+    # Built for its architecture only (a checkpoint's tensors are assigned later): nothing is read into it, so
+    # PyTorch's "copying into a meta parameter is a no-op" warning (once per tensor) is not raised.
+    with torch.device("meta"):
+        skeleton = tiny_autoencoder(latent_channels=4, downsample=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_autoencoder_file(skeleton, file) == (0.5, -0.25)
+    assert all(t.is_meta for t in skeleton.state_dict().values())
+
+    # A file of another autoencoder is refused either way, naming the keys.
+    missing = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != missing}, str(tmp_path / "short.safetensors"))
+    for target in (tiny_autoencoder(latent_channels=4, downsample=4), skeleton):
+        with pytest.raises(ValueError, match=f"missing \\['{missing}'\\]"):
+            load_autoencoder_file(target, tmp_path / "short.safetensors")

@@ -95,18 +95,27 @@ def load_autoencoder_file(autoencoder: torch.nn.Module, path: str | Path) -> tup
     """Load a file written by :class:`~chatumm_kit.training.callbacks.ExportAutoencoder` into ``autoencoder``;
     return ``(scaling_factor, shift_factor)`` from its metadata.
 
+    An autoencoder built on the meta device (a model built for its architecture, whose checkpoint's tensors are
+    assigned afterwards: ``training.loading``) gets only the key check and the factors: its weights would be
+    dropped anyway (PyTorch warns once per tensor that copying into a meta parameter is a no-op), so they are not read.
+
     Raises ``ValueError`` listing missing and unexpected keys.
     """
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"autoencoder weights not found: {path}")
+    on_meta = any(t.is_meta for t in autoencoder.state_dict().values())
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    missing, unexpected = autoencoder.load_state_dict(state, strict=False)
+        names = set(f.keys())
+        state = {} if on_meta else {k: f.get_tensor(k) for k in names}
+    wanted = set(autoencoder.state_dict())
+    missing, unexpected = sorted(wanted - names), sorted(names - wanted)
     if missing or unexpected:
         raise ValueError(f"{path}: autoencoder keys do not match: missing {missing}, unexpected {unexpected}")
+    if state:
+        autoencoder.load_state_dict(state, strict=True)
     return float(meta.get("scaling_factor", 1.0)), float(meta.get("shift_factor", 0.0))
 
 
