@@ -188,7 +188,8 @@ def test_report_to_diagnosis_through_the_cli(shards, tmp_path, capsys):
     assert figures["last_picture"]["all"]["exact"]["k"] == 0
 
 
-def test_bad_input_is_named(shards, tmp_path, capsys):
+def test_bad_input_is_named(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="no benchmark report"):
         main(["diagnose-edits", str(tmp_path / "nowhere")])
     samples = list(read_samples(shards))
@@ -196,7 +197,14 @@ def test_bad_input_is_named(shards, tmp_path, capsys):
     report.write(tmp_path / "eval", png=False)
     with pytest.raises(SystemExit, match=r"no model 'multi_turn' \(it has \['oracle'\]\)"):
         main(["diagnose-edits", str(tmp_path / "eval"), "--model", "multi_turn"])
+    # a relative shards path read from another folder is named, with the way out; --shards is that way
     data = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    moved = {**data, "settings": {**data["settings"], "shards": "runs/shapes/eval_data/index.json"}}
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "eval_report.json").write_text(json.dumps(moved))
+    with pytest.raises(SystemExit, match=r"cannot read the held-out dialogues runs/shapes/eval_data/index.json \(the"):
+        main(["diagnose-edits", str(tmp_path / "moved")])
+    assert main(["diagnose-edits", str(tmp_path / "moved"), "--shards", shards]) == 0
     with pytest.raises(ValueError, match="edit turn .* of dialogue .* is not in the given dialogues"):
         diagnose_report(data, [s for s in samples if not edit_truths(s)], model="oracle")
     # an edit turn without its synthesis record is named, dialogue and turn

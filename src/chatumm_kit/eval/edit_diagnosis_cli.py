@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from chatumm_kit.data.shapes import WorldConfig
-from chatumm_kit.data.shards import read_samples
+from chatumm_kit.data.shards import ShardFormatError, read_samples
 from chatumm_kit.eval.edit_diagnosis import diagnose_report
 
 __all__ = ["add_arguments", "run"]
@@ -47,7 +47,15 @@ def run(args: argparse.Namespace) -> int:
     if not shards:
         raise SystemExit(f"chatumm diagnose-edits: {file} names no shards (settings.shards); pass --shards")
     world = WorldConfig(**(settings.get("world") or {}))
-    samples = list(read_samples(shards))
+    try:
+        samples = list(read_samples(shards))
+    except (FileNotFoundError, ShardFormatError) as err:
+        relative = isinstance(shards, str) and not Path(shards).is_absolute()
+        where = " (the report's settings.shards, relative to the folder chatumm eval ran in)" if relative else ""
+        raise SystemExit(
+            f"chatumm diagnose-edits: cannot read the held-out dialogues {shards}{where}: {err}; run from that folder "
+            "or pass --shards"
+        ) from None
     out = {}
     for model in args.model or list(report.get("models") or {}):
         try:
