@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         samples = list(read_samples(shards))
     except (FileNotFoundError, ShardFormatError) as err:
-        relative = isinstance(shards, str) and not Path(shards).is_absolute()
+        relative = not args.shards and isinstance(shards, str) and not Path(shards).is_absolute()
         where = " (the report's settings.shards, relative to the folder chatumm eval ran in)" if relative else ""
         raise SystemExit(
             f"chatumm diagnose-edits: cannot read the held-out dialogues {shards}{where}: {err}; run from that folder "
