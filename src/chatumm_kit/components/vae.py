@@ -105,12 +105,13 @@ def load_autoencoder_file(autoencoder: torch.nn.Module, path: str | Path) -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"autoencoder weights not found: {path}")
-    on_meta = any(t.is_meta for t in autoencoder.state_dict().values())
+    current = autoencoder.state_dict()
+    on_meta = any(t.is_meta for t in current.values())
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         names = set(f.keys())
         state = {} if on_meta else {k: f.get_tensor(k) for k in names}
-    wanted = set(autoencoder.state_dict())
+    wanted = set(current)
     missing, unexpected = sorted(wanted - names), sorted(names - wanted)
     if missing or unexpected:
         raise ValueError(f"{path}: autoencoder keys do not match: missing {missing}, unexpected {unexpected}")

@@ -110,8 +110,10 @@ def edit_truths(sample: DialogueSample) -> list[EditTruth]:
         source, target = Scene.from_dict(world["source"]), Scene.from_dict(world["target"])
         others = []
         for record in images.values():
-            scene = ((record.get("truth") or {}).get("scene")) if isinstance(record, Mapping) else None
-            origin = record.get("origin") if isinstance(record, Mapping) else None
+            if not isinstance(record, Mapping):
+                continue
+            scene, origin = (record.get("truth") or {}).get("scene"), record.get("origin")
+            # shown before this exchange, or sent with its request
             seen = origin is not None and (
                 origin < exchange or (origin == exchange and record.get("role") == "uploaded")
             )
